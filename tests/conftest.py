@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny GridNav data written once per session; no network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gridnav_root(tmp_path_factory):
+    """A 24-episode GridNav training set in the LeRobot layout."""
+    from vlmtrain.data.gridnav.generate import write_dataset
+
+    root = tmp_path_factory.mktemp("gridnav") / "train"
+    write_dataset(root, episodes=24, seed=0, split="train")
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(gridnav_root, tmp_path):
+    """The gridnav_tiny preset pointed at the session dataset and a fresh run directory."""
+    from vlmtrain.presets import gridnav_tiny
+
+    cfg = gridnav_tiny()
+    cfg.data.root = str(gridnav_root)
+    cfg.data.gridnav_episodes = 0
+    cfg.output_dir = str(tmp_path / "run")
+    cfg.train.progress = False
+    return cfg

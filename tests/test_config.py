@@ -1,0 +1,51 @@
+import pytest
+
+from vlmtrain.config import ConfigError, RunConfig, load_config, to_yaml, valid_keys
+from vlmtrain.presets import get_preset
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(RunConfig(), overrides=["optim.lr=3e-4", "train.resume=true", "train.steps=7"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.resume is True
+    assert cfg.train.steps == 7
+
+
+def test_bool_false_string_is_false():
+    cfg = load_config(RunConfig(), overrides=["train.progress=false"])
+    assert cfg.train.progress is False
+
+
+def test_unknown_key_names_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean 'optim\.lr'"):
+        load_config(RunConfig(), overrides=["optim.lrr=1"])
+
+
+def test_unknown_yaml_key_names_file_and_hint(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  stpes: 5\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml.*train\.stpes.*train\.steps"):
+        load_config(RunConfig(), yaml_path=f)
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_config(RunConfig(), overrides=["train.steps=many"])
+
+
+def test_bad_choice_is_an_error():
+    with pytest.raises(ConfigError, match="precision"):
+        load_config(RunConfig(), overrides=["train.precision=fp8"])
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(get_preset("gridnav"), overrides=["optim.lr_vision=1e-4"])
+    f = tmp_path / "c.yaml"
+    f.write_text(to_yaml(cfg))
+    assert load_config(yaml_path=f) == cfg
+
+
+def test_every_key_is_documented():
+    doc = open("docs/config.md").read()
+    missing = [k for k in valid_keys() if f"`{k}`" not in doc]
+    assert not missing, f"keys missing from docs/config.md: {missing}"

@@ -1,0 +1,220 @@
+"""Typed run configuration: one dataclass per concern, YAML files and ``key=value`` overrides.
+
+Every field carries a docstring-like comment; ``docs/config.md`` lists them. Unknown keys are errors
+that name the closest valid key, because a silently ignored typo (``optim.lrr=3e-4``) costs a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are built."""
+
+    root: str = "data/gridnav/train"  # LeRobot VLN dataset root (or a folder of scene roots)
+    format: str = "lerobot_vln"  # on-disk format reader
+    setting: str = "125cm_0deg"  # camera setting of the rgb frames (<height>cm_<pitch>deg)
+    num_history: int = 8  # history frames per decision: unique(linspace(0, t-1, num_history))
+    image_size: int = 32  # model input resolution (frames are resized once, at load)
+    max_length: int = 256  # maximum tokens per sample; longer samples are an error, never cut silently
+    on_error: str = "raise"  # bad records: raise (stop with file and record) or skip (count per reason)
+    gridnav_episodes: int = 0  # >0: generate this many GridNav episodes into `root` when it is absent
+    gridnav_seed: int = 0  # seed of the generated GridNav world
+    gridnav_noise: float = 0.25  # probability of a random executed action in GridNav demonstrations
+    load_workers: int = 2  # processes that decode frames at start-up
+
+
+@dataclass
+class ModelConfig:
+    """A composed VLM: HF vision encoder + pixel-shuffle projector + HF causal LM (random init)."""
+
+    vision_hidden: int = 96  # SigLIP encoder width
+    vision_layers: int = 2  # SigLIP encoder depth
+    vision_heads: int = 4  # SigLIP attention heads
+    vision_intermediate: int = 384  # SigLIP MLP width
+    patch_size: int = 8  # pixels per patch side; tokens per frame = (image_size / patch_size)^2
+    pixel_shuffle: int = 2  # projector pixel-shuffle factor; divides tokens per frame by its square
+    lm_arch: str = "llama"  # llama | qwen3 (HF config class of the causal LM)
+    lm_hidden: int = 128  # LM width
+    lm_layers: int = 2  # LM depth
+    lm_heads: int = 4  # LM attention heads
+    lm_kv_heads: int = 4  # LM key/value heads (GQA when smaller than lm_heads)
+    lm_intermediate: int = 512  # LM MLP width
+    vocab_size: int = 384  # target vocabulary of the tokenizer trained on the data text
+    max_position: int = 1024  # LM maximum position
+    frame_age_embedding: bool = True  # add a learned embedding of each frame's slot (oldest..current)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-part learning rates, warmup + cosine decay to a floor."""
+
+    lr: float = 1e-3  # base learning rate (parts without their own rate use it)
+    lr_vision: Optional[float] = None  # vision encoder learning rate (None: lr)
+    lr_projector: Optional[float] = None  # projector learning rate (None: lr)
+    lr_llm: Optional[float] = None  # language model learning rate (None: lr)
+    weight_decay: float = 0.01  # decoupled weight decay on matrices (not on norms, biases, embeddings)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 50  # linear warmup steps
+    min_lr_ratio: float = 0.05  # cosine floor as a fraction of each part's peak rate
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, batch, precision, freezing, logging and checkpoints."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # samples per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    freeze_vision: bool = False  # do not train the vision encoder
+    freeze_projector: bool = False  # do not train the projector
+    freeze_llm: bool = False  # do not train the language model
+    log_every: int = 10  # steps between metrics.jsonl lines
+    ckpt_every: int = 200  # steps between checkpoints (0: only the final one)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
+    progress: bool = True  # live progress bar on an interactive terminal
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+
+
+@dataclass
+class EvalConfig:
+    """Closed-loop GridNav evaluation on held-out layouts."""
+
+    episodes: int = 200  # held-out episodes (split "test")
+    seed: int = 1000  # seed of the held-out episodes
+    max_steps: int = 60  # action cap per episode
+    batch_size: int = 256  # episodes stepped together (one policy call per step)
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    output_dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/
+    seed: int = 0  # seeds model init, data order and every RNG
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix (unknown key, bad value)."""
+
+
+def valid_keys(cfg_cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """All dotted keys of a config dataclass, e.g. ``optim.lr``."""
+    keys = []
+    for f in dataclasses.fields(cfg_cls):
+        name = prefix + f.name
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            keys.extend(valid_keys(sub, name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_keys(keys: list[str], source: str) -> None:
+    known = valid_keys()
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.0)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _validate(cfg: RunConfig) -> None:
+    choices = {
+        "train.precision": (cfg.train.precision, {"fp32", "bf16"}),
+        "model.lm_arch": (cfg.model.lm_arch, {"llama", "qwen3"}),
+        "data.on_error": (cfg.data.on_error, {"raise", "skip"}),
+        "data.format": (cfg.data.format, {"lerobot_vln"}),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {sorted(allowed)}")
+    m = cfg.model
+    if cfg.data.image_size % m.patch_size:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of model.patch_size={m.patch_size}")
+    grid = cfg.data.image_size // m.patch_size
+    if grid % m.pixel_shuffle:
+        raise ConfigError(f"patch grid {grid}x{grid} is not divisible by model.pixel_shuffle={m.pixel_shuffle}")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not a multiple of train.grad_accum={cfg.train.grad_accum}"
+        )
+    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size, "train.log_every": cfg.train.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value}: must be > 0")
+
+
+def load_config(
+    base: Optional[RunConfig] = None, yaml_path: Optional[str | Path] = None, overrides: Optional[list[str]] = None
+) -> RunConfig:
+    """Build a RunConfig from a base (a preset or defaults), a YAML file, then ``key=value`` overrides.
+
+    Raises ConfigError naming the source and the closest valid key for any unknown key, and for values
+    of the wrong type or outside the allowed choices.
+    """
+    schema = OmegaConf.structured(base if base is not None else RunConfig())
+    layers = []
+    if yaml_path is not None:
+        text = Path(yaml_path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{yaml_path}: expected a mapping at the top level")
+        _check_keys(list(_flatten(loaded)), str(yaml_path))
+        layers.append((str(yaml_path), OmegaConf.create(loaded)))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+        key = item.split("=", 1)[0].strip()
+        _check_keys([key], "command line")
+        layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+    merged = schema
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {e.msg if hasattr(e, 'msg') else e}") from None
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The config as YAML (what a run writes to ``config.yaml``; ``--config`` reads it back)."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the config as YAML."""
+    Path(path).write_text(to_yaml(cfg))

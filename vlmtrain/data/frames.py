@@ -1,0 +1,54 @@
+"""Frames decoded once: every unique frame file is read, resized and kept as uint8 in one tensor.
+
+Decision samples of an episode share almost all their frames, so decoding per sample would read each
+JPEG up to ~9 times per epoch; here it is read once per run, by a few processes at start-up.
+"""
+
+from __future__ import annotations
+
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmtrain.data.errors import DataError
+
+
+def load_frame(path: str | Path, size: int) -> np.ndarray:
+    """Decode one image file to RGB uint8 (size, size, 3), bilinear resize; errors name the file."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise DataError(str(path), "unreadable_image", detail=str(e)) from None
+
+
+def resize_array(frame_HWC: np.ndarray, size: int) -> np.ndarray:
+    """Resize an in-memory RGB frame exactly as :func:`load_frame` resizes a file."""
+    if frame_HWC.shape[0] == size and frame_HWC.shape[1] == size:
+        return frame_HWC
+    return np.asarray(Image.fromarray(frame_HWC).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def _load_chunk(args: tuple[list[str], int]) -> np.ndarray:
+    paths, size = args
+    return np.stack([load_frame(p, size) for p in paths]) if paths else np.zeros((0, size, size, 3), np.uint8)
+
+
+def decode_frames(paths: Sequence[str | Path], size: int, workers: int = 2) -> torch.Tensor:
+    """Decode ``paths`` into a uint8 tensor (N, 3, size, size) in the same order."""
+    paths = [str(p) for p in paths]
+    if workers <= 1 or len(paths) < 2000:
+        arr = _load_chunk((paths, size))
+    else:
+        step = (len(paths) + workers * 4 - 1) // (workers * 4)
+        chunks = [(paths[i : i + step], size) for i in range(0, len(paths), step)]
+        with get_context("fork").Pool(workers) as pool:
+            arr = np.concatenate(pool.map(_load_chunk, chunks))
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()

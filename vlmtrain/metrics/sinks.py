@@ -1,0 +1,68 @@
+"""Metric sinks behind one tiny protocol: ``log(step, metrics)`` and ``close()``.
+
+Keys are fixed and namespaced (``loss/train``, ``throughput/tokens_per_s`` ...) so runs compare.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+
+class Sink(Protocol):
+    """Anything that takes metric dicts."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """Appends one JSON object per log step to ``metrics.jsonl`` (flushed, so a killed run keeps its lines)."""
+
+    def __init__(self, path: str | Path, truncate_after_step: int | None = None):
+        self.path = Path(path)
+        if truncate_after_step is not None and self.path.exists():
+            # A resumed run rewrites the steps after its checkpoint: drop the killed run's later lines.
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= truncate_after_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Write one line ``{"step": step, **metrics}``."""
+        self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._fh.close()
+
+
+class TensorBoardSink:
+    """Scalars to TensorBoard (``pip install vlmtrain[tensorboard]``)."""
+
+    def __init__(self, logdir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(str(logdir))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Add every numeric metric as a scalar."""
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self._w.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        """Flush and close."""
+        self._w.close()
+
+
+class NullSink:
+    """What non-zero ranks get: accepts everything, writes nothing."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Discard."""
+
+    def close(self) -> None:
+        """Nothing to close."""

@@ -1,0 +1,162 @@
+"""A composed VLM (nanoVLM style): HF SigLIP vision encoder + pixel-shuffle projector + HF causal LM.
+
+It implements the three calls every vlmtrain model exposes (see ``models/protocol.py``), so frame
+de-duplication, packing and caching live outside the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+from vlmtrain.models.projector import PixelShuffleProjector
+
+WEIGHTS = "model.safetensors"
+META = "vlm_config.json"
+# Pixel normalisation of SigLIP: x / 255 -> (x - 0.5) / 0.5
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+
+
+class ComposedVLM(nn.Module):
+    """Vision encoder, projector and causal LM behind ``encode_images`` / ``embed`` / ``forward_lm``."""
+
+    def __init__(
+        self,
+        vision: SiglipVisionModel,
+        projector: PixelShuffleProjector,
+        lm: nn.Module,
+        image_token_id: int,
+        max_frame_slots: int = 0,
+    ):
+        super().__init__()
+        self.vision = vision
+        self.projector = projector
+        self.lm = lm
+        self.image_token_id = image_token_id
+        # Learned embedding of a frame's age (0 = current, 1 = newest history ...): tells the LM which
+        # frame is which without spending text tokens on it.
+        self.frame_age = nn.Embedding(max_frame_slots, projector.out_dim) if max_frame_slots else None
+        if self.frame_age is not None:
+            nn.init.zeros_(self.frame_age.weight)
+
+    # -- the three calls -------------------------------------------------------------------------
+    def encode_images(self, pixels_NCHW: torch.Tensor) -> torch.Tensor:
+        """uint8 or float pixels (N, 3, H, W) -> visual tokens (N, K, D_lm), one row block per frame."""
+        if pixels_NCHW.dtype == torch.uint8:
+            pixels_NCHW = pixels_NCHW.float().div_(255.0)
+        x = (pixels_NCHW - PIXEL_MEAN) / PIXEL_STD
+        feats_NPD = self.vision(pixel_values=x).last_hidden_state
+        return self.projector(feats_NPD)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        features: torch.Tensor,
+        slot_frames: torch.Tensor,
+        slot_age: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Token embeddings with every image slot replaced by its frame's visual tokens.
+
+        ``slot_frames[s]`` is the row of ``features`` (unique frames) that fills the s-th image slot,
+        slots counted in row-major token order; ``slot_age[s]`` its age for the frame-age embedding.
+        """
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        feats_SKD = features[slot_frames]
+        if self.frame_age is not None and slot_age is not None:
+            ages = slot_age.clamp(max=self.frame_age.num_embeddings - 1)
+            feats_SKD = feats_SKD + self.frame_age(ages)[:, None, :]
+        mask = input_ids == self.image_token_id
+        n_slots_tokens = int(mask.sum())
+        if n_slots_tokens != feats_SKD.shape[0] * feats_SKD.shape[1]:
+            raise ValueError(
+                f"embed: {n_slots_tokens} image-token positions but {feats_SKD.shape[0]} slots x "
+                f"{feats_SKD.shape[1]} tokens of features"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), feats_SKD.to(embeds.dtype))
+
+    def forward_lm(
+        self,
+        inputs_embeds: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled positions (labels are unshifted, -100 ignored)."""
+        out = self.lm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels
+        )
+        return out.loss
+
+    def next_token_logits(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits of the token after position ``last_index[b]`` of each row (B, V)."""
+        hidden = self.lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.lm.lm_head(hidden[rows, last_index])
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Weights as safetensors plus every config needed to rebuild the model."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "vision_config": self.vision.config.to_dict(),
+            "lm_config": self.lm.config.to_dict(),
+            "projector": {"in_dim": self.projector.in_dim, "out_dim": self.projector.out_dim,
+                          "shuffle": self.projector.shuffle},
+            "image_token_id": self.image_token_id,
+            "max_frame_slots": self.frame_age.num_embeddings if self.frame_age is not None else 0,
+        }
+        (directory / META).write_text(json.dumps(meta, indent=1))
+        save_model(self, str(directory / WEIGHTS))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "ComposedVLM":
+        """Rebuild from :meth:`save_pretrained` output; raises if any weight is missing or unexpected."""
+        directory = Path(directory)
+        meta = json.loads((directory / META).read_text())
+        vision = SiglipVisionModel(SiglipVisionConfig(**meta["vision_config"]))
+        lm_meta = dict(meta["lm_config"])
+        lm_cfg = AutoConfig.for_model(lm_meta.pop("model_type"), **lm_meta)
+        lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
+        model = cls(vision, PixelShuffleProjector(**meta["projector"]), lm, meta["image_token_id"],
+                    meta["max_frame_slots"])
+        load_model(model, str(directory / WEIGHTS), strict=True)
+        return model
+
+    def tokens_per_image(self, image_size: int) -> int:
+        """Visual tokens each frame contributes at ``image_size``."""
+        grid = image_size // self.vision.config.patch_size
+        return (grid // self.projector.shuffle) ** 2
+
+
+def build_composed_vlm(
+    mcfg, image_size: int, vocab_size: int, image_token_id: int, pad_token_id: int, max_frame_slots: int
+) -> ComposedVLM:
+    """Build a randomly initialised composed VLM from a ``ModelConfig`` (configs stop here)."""
+    vision_cfg = SiglipVisionConfig(
+        hidden_size=mcfg.vision_hidden, intermediate_size=mcfg.vision_intermediate,
+        num_hidden_layers=mcfg.vision_layers, num_attention_heads=mcfg.vision_heads,
+        image_size=image_size, patch_size=mcfg.patch_size, vision_use_head=False,
+    )
+    vision = SiglipVisionModel(vision_cfg)
+    common = dict(
+        vocab_size=vocab_size, hidden_size=mcfg.lm_hidden, intermediate_size=mcfg.lm_intermediate,
+        num_hidden_layers=mcfg.lm_layers, num_attention_heads=mcfg.lm_heads,
+        num_key_value_heads=mcfg.lm_kv_heads, max_position_embeddings=mcfg.max_position,
+        tie_word_embeddings=False, pad_token_id=pad_token_id,
+    )
+    if mcfg.lm_arch == "qwen3":
+        common["head_dim"] = mcfg.lm_hidden // mcfg.lm_heads
+    lm_cfg = AutoConfig.for_model(mcfg.lm_arch, **common)
+    lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
+    projector = PixelShuffleProjector(mcfg.vision_hidden, mcfg.lm_hidden, mcfg.pixel_shuffle)
+    return ComposedVLM(vision, projector, lm, image_token_id, max_frame_slots if mcfg.frame_age_embedding else 0)

@@ -1,0 +1,104 @@
+"""Atomic checkpoints: model, optimizer, schedule, data position and every RNG, in one directory.
+
+A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when complete,
+so a run killed at any instant leaves either a whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+STATE = "trainer_state.json"
+OPTIM = "optimizer.pt"
+RNG = "rng.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states (CUDA too when present)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    ckpt_root: Path, step: int, model, optimizer, scheduler, trainer_state: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / OPTIM)
+    torch.save(rng_state(), tmp / RNG)
+    state = dict(trainer_state, step=step, scheduler=scheduler.state_dict())
+    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    if not ckpt_root.exists():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    """The newest complete checkpoint, or None."""
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from ``path``; returns the trainer state."""
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"), strict=True)
+    optimizer.load_state_dict(torch.load(path / OPTIM, weights_only=True))
+    state = json.loads((path / STATE).read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(torch.load(path / RNG, weights_only=True))
+    return state

@@ -1,0 +1,104 @@
+"""``train(cfg)``: the whole run, top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmtrain.config import RunConfig, save_config
+from vlmtrain.data.loader import EpochPlan
+from vlmtrain.data.tokenizer import load_tokenizer, save_tokenizer
+from vlmtrain.data.vln import VLNData, load_vln_data
+from vlmtrain.metrics.meter import StepMeter
+from vlmtrain.metrics.progress import Progress
+from vlmtrain.metrics.sinks import JsonlSink
+from vlmtrain.models.composed import ComposedVLM, build_composed_vlm
+from vlmtrain.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vlmtrain.train.optim import apply_freeze, build_optimizer, build_scheduler
+from vlmtrain.train.prefetch import BatchPrefetcher
+from vlmtrain.train.step import train_step
+
+log = logging.getLogger("vlmtrain")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tokens_per_image(cfg: RunConfig) -> int:
+    """Visual tokens per frame after the projector's pixel shuffle."""
+    return (cfg.data.image_size // cfg.model.patch_size // cfg.model.pixel_shuffle) ** 2
+
+
+def build_model(cfg: RunConfig, data: VLNData) -> ComposedVLM:
+    """The composed VLM sized to the data's tokenizer."""
+    tok = data.tokenizer
+    return build_composed_vlm(cfg.model, cfg.data.image_size, len(tok), tok.convert_tokens_to_ids("<image>"),
+                              tok.pad_token_id, max_frame_slots=cfg.data.num_history + 1)
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run training as configured; returns the summary also written to ``summary.json``."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    ckpt = latest_checkpoint(out / "checkpoints") if cfg.train.resume else None
+    if cfg.train.resume and ckpt is None:
+        log.warning("resume=true but no checkpoint in %s: starting from scratch", out / "checkpoints")
+    seed_everything(cfg.seed)
+    tok = load_tokenizer(out / "tokenizer") if ckpt is not None else None
+    data = load_vln_data(cfg.data, tokens_per_image(cfg), cfg.model.vocab_size, tokenizer=tok)
+    save_tokenizer(data.tokenizer, out / "tokenizer")
+    save_config(cfg, out / "config.yaml")
+    log.info("data: %s", json.dumps(data.stats()))
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, data).to(device)
+    trainable = apply_freeze(model, cfg.train)
+    log.info("trainable parameters: %s", trainable)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    state = {"step": 0, "totals": {"wall_s": 0.0, "samples": 0, "tokens": 0}}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d", ckpt, state["step"])
+    start = state["step"]
+
+    plan = EpochPlan(len(data.samples), cfg.train.batch_size, cfg.seed)
+    batches = BatchPrefetcher(data, plan, cfg.train.grad_accum, start, cfg.train.steps)
+    sink = JsonlSink(out / "metrics.jsonl", truncate_after_step=start)
+    meter = StepMeter(tokens_per_image(cfg))
+    model.train()
+    with Progress(cfg.train.steps, start, enabled=cfg.train.progress) as bar:
+        for step in range(start + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            micro = batches.next()
+            t1 = time.perf_counter()
+            result = train_step(model, micro, optimizer, scheduler, cfg.optim.grad_clip, cfg.train.precision, device)
+            meter.update(micro, result, data_s=t1 - t0, step_s=time.perf_counter() - t0,
+                         lr=optimizer.param_groups[0]["lr"])
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                metrics = meter.flush(epoch=plan.epoch_of(step))
+                sink.log(step, metrics)
+                bar.update(step, metrics)
+            else:
+                bar.update(step)
+            if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps:
+                state = {"totals": meter.pop_totals(state["totals"])}
+                save_checkpoint(out / "checkpoints", step, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+    batches.close()
+    sink.close()
+    model.save_pretrained(out / "model")
+    summary = meter.summary(cfg.train.steps, state["totals"], data.stats(), trainable)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,71 @@
+"""AdamW with per-part learning rates and freeze flags; linear warmup then cosine decay to a floor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+PARTS = ("vision", "projector", "llm")
+
+
+def model_parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Named parameters per part: vision encoder, projector (+ frame-age embedding), language model."""
+    parts: dict[str, list[tuple[str, nn.Parameter]]] = {p: [] for p in PARTS}
+    for name, param in model.named_parameters():
+        if name.startswith("vision."):
+            parts["vision"].append((name, param))
+        elif name.startswith("lm."):
+            parts["llm"].append((name, param))
+        else:
+            parts["projector"].append((name, param))
+    return parts
+
+
+def apply_freeze(model: nn.Module, tcfg) -> dict[str, int]:
+    """Freeze parts per ``train.freeze_*``; returns trainable parameter counts per part."""
+    frozen = {"vision": tcfg.freeze_vision, "projector": tcfg.freeze_projector, "llm": tcfg.freeze_llm}
+    counts = {}
+    for part, params in model_parts(model).items():
+        for _, p in params:
+            p.requires_grad_(not frozen[part])
+        counts[part] = sum(p.numel() for _, p in params if p.requires_grad)
+    return counts
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Norm gains, biases and embedding tables are not regularised toward zero.
+    return param.ndim < 2 or "norm" in name or "embed" in name or "frame_age" in name
+
+
+def build_optimizer(model: nn.Module, ocfg) -> torch.optim.AdamW:
+    """AdamW over trainable parameters, one group per (part, decay) with the part's learning rate."""
+    rates = {"vision": ocfg.lr_vision, "projector": ocfg.lr_projector, "llm": ocfg.lr_llm}
+    groups = []
+    for part, params in model_parts(model).items():
+        lr = rates[part] if rates[part] is not None else ocfg.lr
+        for decay in (True, False):
+            chosen = [p for n, p in params if p.requires_grad and _no_decay(n, p) != decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": ocfg.weight_decay if decay else 0.0,
+                               "name": f"{part}/{'decay' if decay else 'no_decay'}"})
+    if not groups:
+        raise ValueError("every part is frozen: nothing to train")
+    return torch.optim.AdamW(groups, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak rate at ``step``: linear warmup, then cosine from 1 to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, ocfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR applying :func:`lr_factor` to every group's own peak rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, ocfg.warmup_steps, total_steps, ocfg.min_lr_ratio)
+    )
