@@ -48,3 +48,17 @@ def test_embed_rejects_slot_count_mismatch():
     feats = m.encode_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="image-token positions"):
         m.embed(torch.tensor([[1, 4, 4, 2]]), feats, torch.tensor([0]))
+
+
+def test_history_slots_are_pooled_current_slot_is_not():
+    mcfg = RunConfig().model
+    mcfg.history_tokens = 1
+    m = build_composed_vlm(mcfg, 32, 64, 4, 0, 0)  # no frame-age embedding: compare raw features
+    feats = torch.randn(3, 4, mcfg.lm_hidden)
+    # sample: history frames 0 and 2 (1 token each), current frame 1 (4 tokens)
+    ids = torch.tensor([[1, 4, 4, 4, 4, 4, 4, 2]])
+    out = m.embed(ids, feats, torch.tensor([0, 2, 1]), torch.tensor([2, 1, 0]))
+    assert torch.allclose(out[0, 1], feats[0].mean(0), atol=1e-6)
+    assert torch.allclose(out[0, 2], feats[2].mean(0), atol=1e-6)
+    assert torch.allclose(out[0, 3:7], feats[1])
+    assert m.tokens_per_history_image(32) == 1 and m.tokens_per_image(32) == 4

@@ -53,6 +53,7 @@ class ModelConfig:
     vocab_size: int = 384  # target vocabulary of the tokenizer trained on the data text
     max_position: int = 1024  # LM maximum position
     frame_age_embedding: bool = True  # add a learned embedding of each frame's slot (oldest..current)
+    history_tokens: int = 0  # pool each history frame to this many tokens, a square (0: no pooling)
 
 
 @dataclass
@@ -166,6 +167,8 @@ def _validate(cfg: RunConfig) -> None:
     grid = cfg.data.image_size // m.patch_size
     if grid % m.pixel_shuffle:
         raise ConfigError(f"patch grid {grid}x{grid} is not divisible by model.pixel_shuffle={m.pixel_shuffle}")
+    if m.history_tokens and round(m.history_tokens**0.5) ** 2 != m.history_tokens:
+        raise ConfigError(f"model.history_tokens={m.history_tokens}: must be a square number (pooled grid)")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of train.grad_accum={cfg.train.grad_accum}"

@@ -12,6 +12,7 @@ def gridnav() -> RunConfig:
     cfg = RunConfig(output_dir="runs/gridnav")
     cfg.data.root = "data/gridnav/train"
     cfg.data.gridnav_episodes = 1500
+    cfg.model.history_tokens = 1
     cfg.train.steps = 1200
     cfg.train.batch_size = 128
     cfg.train.ckpt_every = 200
@@ -38,6 +39,7 @@ def gridnav_tiny() -> RunConfig:
     cfg.train.log_every = 5
     cfg.train.ckpt_every = 10
     cfg.optim.warmup_steps = 2
+    cfg.optim.lr = 5e-3  # a tiny model on a short schedule tolerates (and needs) a high rate
     cfg.eval.episodes = 8
     return cfg
 

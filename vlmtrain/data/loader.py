@@ -29,9 +29,10 @@ class Batch:
     num_tokens: int  # real (unpadded) tokens
     num_label_tokens: int
     num_slots: int  # image slots (frames shown to the model, counting repeats)
+    num_visual_tokens: int  # image-token positions (what the LM pays for the frames)
 
 
-def collate(samples: Sequence[TokenizedSample], frames: torch.Tensor, pad_id: int) -> Batch:
+def collate(samples: Sequence[TokenizedSample], frames: torch.Tensor, pad_id: int, image_id: int) -> Batch:
     """Pad token ids, gather the batch's unique frames from ``frames`` (N, 3, H, W) and map slots to them."""
     lengths = [len(s.input_ids) for s in samples]
     width = max(lengths)
@@ -53,7 +54,7 @@ def collate(samples: Sequence[TokenizedSample], frames: torch.Tensor, pad_id: in
         pixels=frames[torch.from_numpy(unique)],
         slot_frames=torch.from_numpy(inverse.reshape(-1)), slot_age=torch.tensor(ages, dtype=torch.long),
         num_samples=b, num_tokens=int(sum(lengths)), num_label_tokens=int((labels != IGNORE_INDEX).sum()),
-        num_slots=len(slot_ids),
+        num_slots=len(slot_ids), num_visual_tokens=int((ids == image_id).sum()),
     )
 
 

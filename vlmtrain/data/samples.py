@@ -27,9 +27,12 @@ def history_indices(t: int, num_history: int = 8) -> list[int]:
 
 
 def user_prompt(instruction: str, num_history_frames: int) -> str:
-    """The user turn with one ``<image>`` slot per history frame and one for the current frame."""
-    history = IMAGE * num_history_frames if num_history_frames else "none"
-    return f"Your task: {instruction.strip()}. Past views: {history}. Current view: {IMAGE}. Next action?"
+    """The user turn: the instruction, one ``<image>`` slot per history frame, then the current frame's.
+
+    Kept short on purpose: every text token is paid for in every sample, and the frame-age embedding
+    already tells the model which slot is the current view.
+    """
+    return f"{instruction.strip()}. {IMAGE * num_history_frames} now: {IMAGE}"
 
 
 def action_text(action: int) -> str:
@@ -79,12 +82,15 @@ def build_vln_samples(
 class SampleTokenizer:
     """Tokenises decision samples; each ``<image>`` expands to ``tokens_per_image`` image-token ids.
 
-    The instruction part is tokenised once per distinct instruction (samples of an episode share it).
+    History frames may take fewer tokens (``tokens_per_history_image``; the model pools them) than the
+    current frame. The prompt is tokenised once per (instruction, history length).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, tokens_per_image: int, max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, tokens_per_image: int, max_length: int,
+                 tokens_per_history_image: int | None = None):
         self.tok = tokenizer
         self.tokens_per_image = tokens_per_image
+        self.tokens_per_history_image = tokens_per_history_image or tokens_per_image
         self.max_length = max_length
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE)
         self.user_id = tokenizer.convert_tokens_to_ids(USER)
@@ -100,8 +106,14 @@ class SampleTokenizer:
         if ids is None:
             raw = self.tok(user_prompt(instruction, num_history_frames), add_special_tokens=False)["input_ids"]
             ids = [self.user_id]
+            seen = 0
             for i in raw:
-                ids.extend([i] * self.tokens_per_image if i == self.image_id else [i])
+                if i == self.image_id:
+                    seen += 1
+                    current = seen == num_history_frames + 1
+                    ids.extend([i] * (self.tokens_per_image if current else self.tokens_per_history_image))
+                else:
+                    ids.append(i)
             ids.append(self.assistant_id)
             self._cache[key] = ids
         return ids

@@ -54,11 +54,12 @@ def ensure_gridnav(dcfg) -> None:
 
 
 def load_vln_data(
-    dcfg, tokens_per_image: int, vocab_size: int, tokenizer: Optional[PreTrainedTokenizerFast] = None
+    dcfg, image_tokens: tuple[int, int], vocab_size: int, tokenizer: Optional[PreTrainedTokenizerFast] = None
 ) -> VLNData:
     """Read every episode under ``data.root``, build and tokenise decision samples, decode frames once.
 
-    A tokenizer is trained on the data's text when none is given (a resumed run passes its saved one).
+    ``image_tokens`` = (tokens of the current frame, tokens of a history frame). A tokenizer is trained
+    on the data's text when none is given (a resumed run passes its saved one).
     """
     ensure_gridnav(dcfg)
     roots = iter_dataset_roots(Path(dcfg.root))
@@ -78,7 +79,7 @@ def load_vln_data(
     if tokenizer is None:
         instructions = sorted({i for ep in episodes for i in ep.instructions})
         tokenizer = train_tokenizer(template_texts(instructions), vocab_size)
-    stok = SampleTokenizer(tokenizer, tokens_per_image, dcfg.max_length)
+    stok = SampleTokenizer(tokenizer, image_tokens[0], dcfg.max_length, image_tokens[1])
     tokenized = []
     for s in samples:
         try:

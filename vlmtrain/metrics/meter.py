@@ -10,8 +10,7 @@ from vlmtrain.data.loader import Batch
 class StepMeter:
     """Accumulates steps; ``flush`` returns the averages since the last flush."""
 
-    def __init__(self, tokens_per_image: int):
-        self.tokens_per_image = tokens_per_image
+    def __init__(self) -> None:
         self._reset()
         self._totals = {"wall_s": 0.0, "samples": 0, "tokens": 0}
         self.last_loss = float("nan")
@@ -19,7 +18,7 @@ class StepMeter:
     def _reset(self) -> None:
         self._n = 0
         self._sum = {"loss": 0.0, "grad_norm": 0.0, "data_s": 0.0, "step_s": 0.0}
-        self._samples = self._tokens = self._slots = self._unique = 0
+        self._samples = self._tokens = self._slots = self._unique = self._visual = 0
         self._lr = 0.0
 
     def update(self, micro: Sequence[Batch], result: dict[str, float], data_s: float, step_s: float, lr: float) -> None:
@@ -32,6 +31,7 @@ class StepMeter:
         self._samples += samples
         self._tokens += tokens
         self._slots += sum(b.num_slots for b in micro)
+        self._visual += sum(b.num_visual_tokens for b in micro)
         self._unique += sum(int(b.pixels.shape[0]) for b in micro)
         self._lr = lr
         self._totals["wall_s"] += step_s
@@ -50,7 +50,7 @@ class StepMeter:
             "throughput/samples_per_s": round(self._samples / wall, 2),
             "throughput/tokens_per_s": round(self._tokens / wall, 1),
             "data/images_per_sample": round(self._slots / max(self._samples, 1), 3),
-            "data/visual_tokens_per_sample": round(self._slots * self.tokens_per_image / max(self._samples, 1), 2),
+            "data/visual_tokens_per_sample": round(self._visual / max(self._samples, 1), 2),
             "vision/frames_encoded_per_sample": round(self._unique / max(self._samples, 1), 3),
             "data/tokens_per_sample": round(self._tokens / max(self._samples, 1), 2),
             "time/step_s": round(wall / n, 5),

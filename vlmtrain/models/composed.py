@@ -34,8 +34,12 @@ class ComposedVLM(nn.Module):
         lm: nn.Module,
         image_token_id: int,
         max_frame_slots: int = 0,
+        history_tokens: int = 0,
     ):
         super().__init__()
+        # History frames (slot age > 0) are average-pooled to this many tokens (0: not pooled), the
+        # NaVid/StreamVLN trade: the current view keeps its detail, older views stay cheap.
+        self.history_tokens = history_tokens
         self.vision = vision
         self.projector = projector
         self.lm = lm
@@ -72,14 +76,35 @@ class ComposedVLM(nn.Module):
         if self.frame_age is not None and slot_age is not None:
             ages = slot_age.clamp(max=self.frame_age.num_embeddings - 1)
             feats_SKD = feats_SKD + self.frame_age(ages)[:, None, :]
+        flat_TD = self._slot_tokens(feats_SKD, slot_age)
         mask = input_ids == self.image_token_id
-        n_slots_tokens = int(mask.sum())
-        if n_slots_tokens != feats_SKD.shape[0] * feats_SKD.shape[1]:
+        n_positions = int(mask.sum())
+        if n_positions != flat_TD.shape[0]:
             raise ValueError(
-                f"embed: {n_slots_tokens} image-token positions but {feats_SKD.shape[0]} slots x "
-                f"{feats_SKD.shape[1]} tokens of features"
+                f"embed: {n_positions} image-token positions but {feats_SKD.shape[0]} slots give "
+                f"{flat_TD.shape[0]} tokens of features"
             )
-        return embeds.masked_scatter(mask.unsqueeze(-1), feats_SKD.to(embeds.dtype))
+        return embeds.masked_scatter(mask.unsqueeze(-1), flat_TD.to(embeds.dtype))
+
+    def _slot_tokens(self, feats_SKD: torch.Tensor, slot_age: Optional[torch.Tensor]) -> torch.Tensor:
+        """Visual tokens of all slots in slot order (T, D); history slots pooled when configured."""
+        s, k, d = feats_SKD.shape
+        kh = self.history_tokens
+        if slot_age is None or kh <= 0 or kh >= k:
+            return feats_SKD.reshape(s * k, d)
+        hist = slot_age > 0
+        g, h = int(round(k**0.5)), int(round(kh**0.5))
+        grid_NDgg = feats_SKD[hist].transpose(1, 2).reshape(-1, d, g, g)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(grid_NDgg, h).flatten(2).transpose(1, 2)
+        current = feats_SKD[~hist]
+        table = torch.cat([current.reshape(-1, d), pooled.reshape(-1, d)])
+        # Gather index: slot s's tokens start at its row in `current` or (after all current tokens)
+        # its row in `pooled`; tokens of one slot are consecutive.
+        n_tok = torch.where(hist, kh, k)
+        start = torch.where(hist, current.shape[0] * k + (hist.cumsum(0) - 1) * kh, ((~hist).cumsum(0) - 1) * k)
+        offsets = torch.arange(int(n_tok.sum()), device=feats_SKD.device) - torch.repeat_interleave(
+            n_tok.cumsum(0) - n_tok, n_tok)
+        return table[torch.repeat_interleave(start, n_tok) + offsets]
 
     def forward_lm(
         self,
@@ -114,6 +139,7 @@ class ComposedVLM(nn.Module):
                           "shuffle": self.projector.shuffle},
             "image_token_id": self.image_token_id,
             "max_frame_slots": self.frame_age.num_embeddings if self.frame_age is not None else 0,
+            "history_tokens": self.history_tokens,
         }
         (directory / META).write_text(json.dumps(meta, indent=1))
         save_model(self, str(directory / WEIGHTS))
@@ -128,14 +154,19 @@ class ComposedVLM(nn.Module):
         lm_cfg = AutoConfig.for_model(lm_meta.pop("model_type"), **lm_meta)
         lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
         model = cls(vision, PixelShuffleProjector(**meta["projector"]), lm, meta["image_token_id"],
-                    meta["max_frame_slots"])
+                    meta["max_frame_slots"], meta.get("history_tokens", 0))
         load_model(model, str(directory / WEIGHTS), strict=True)
         return model
 
     def tokens_per_image(self, image_size: int) -> int:
-        """Visual tokens each frame contributes at ``image_size``."""
+        """Visual tokens the current frame contributes at ``image_size``."""
         grid = image_size // self.vision.config.patch_size
         return (grid // self.projector.shuffle) ** 2
+
+    def tokens_per_history_image(self, image_size: int) -> int:
+        """Visual tokens a history frame contributes (pooled when ``history_tokens`` is set)."""
+        k = self.tokens_per_image(image_size)
+        return self.history_tokens if 0 < self.history_tokens < k else k
 
 
 def build_composed_vlm(
@@ -159,4 +190,5 @@ def build_composed_vlm(
     lm_cfg = AutoConfig.for_model(mcfg.lm_arch, **common)
     lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
     projector = PixelShuffleProjector(mcfg.vision_hidden, mcfg.lm_hidden, mcfg.pixel_shuffle)
-    return ComposedVLM(vision, projector, lm, image_token_id, max_frame_slots if mcfg.frame_age_embedding else 0)
+    return ComposedVLM(vision, projector, lm, image_token_id, max_frame_slots if mcfg.frame_age_embedding else 0,
+                       mcfg.history_tokens)

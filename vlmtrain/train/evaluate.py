@@ -84,8 +84,9 @@ def load_run(run_dir: Path) -> tuple[RunConfig, ComposedVLM, SampleTokenizer]:
         weights = ckpt
     model = ComposedVLM.from_pretrained(weights)
     tok = load_tokenizer(run_dir / "tokenizer")
-    tpi = model.tokens_per_image(cfg.data.image_size)
-    return cfg, model, SampleTokenizer(tok, tpi, cfg.data.max_length)
+    size = cfg.data.image_size
+    stok = SampleTokenizer(tok, model.tokens_per_image(size), cfg.data.max_length, model.tokens_per_history_image(size))
+    return cfg, model, stok
 
 
 def evaluate_run(run_dir: str | Path, episodes: Optional[int] = None, seed: Optional[int] = None) -> dict:

@@ -34,9 +34,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def tokens_per_image(cfg: RunConfig) -> int:
-    """Visual tokens per frame after the projector's pixel shuffle."""
-    return (cfg.data.image_size // cfg.model.patch_size // cfg.model.pixel_shuffle) ** 2
+def image_tokens(cfg: RunConfig) -> tuple[int, int]:
+    """Visual tokens of the current frame (after pixel shuffle) and of a (pooled) history frame."""
+    k = (cfg.data.image_size // cfg.model.patch_size // cfg.model.pixel_shuffle) ** 2
+    kh = cfg.model.history_tokens
+    return k, (kh if 0 < kh < k else k)
 
 
 def build_model(cfg: RunConfig, data: VLNData) -> ComposedVLM:
@@ -57,7 +59,7 @@ def train(cfg: RunConfig) -> dict:
         log.warning("resume=true but no checkpoint in %s: starting from scratch", out / "checkpoints")
     seed_everything(cfg.seed)
     tok = load_tokenizer(out / "tokenizer") if ckpt is not None else None
-    data = load_vln_data(cfg.data, tokens_per_image(cfg), cfg.model.vocab_size, tokenizer=tok)
+    data = load_vln_data(cfg.data, image_tokens(cfg), cfg.model.vocab_size, tokenizer=tok)
     save_tokenizer(data.tokenizer, out / "tokenizer")
     save_config(cfg, out / "config.yaml")
     log.info("data: %s", json.dumps(data.stats()))
@@ -77,7 +79,7 @@ def train(cfg: RunConfig) -> dict:
     plan = EpochPlan(len(data.samples), cfg.train.batch_size, cfg.seed)
     batches = BatchPrefetcher(data, plan, cfg.train.grad_accum, start, cfg.train.steps)
     sink = JsonlSink(out / "metrics.jsonl", truncate_after_step=start)
-    meter = StepMeter(tokens_per_image(cfg))
+    meter = StepMeter()
     model.train()
     with Progress(cfg.train.steps, start, enabled=cfg.train.progress) as bar:
         for step in range(start + 1, cfg.train.steps + 1):

@@ -19,8 +19,8 @@ class BatchPrefetcher:
     def _build(self, k: int) -> list[Batch]:
         idx = self.plan.batch_indices(k)
         size = len(idx) // self.accum
-        pad = self.data.tokenizer.pad_token_id
-        return [collate([self.data.samples[i] for i in idx[j * size : (j + 1) * size]], self.data.frames, pad)
+        pad, img = self.data.tokenizer.pad_token_id, self.data.sample_tokenizer.image_id
+        return [collate([self.data.samples[i] for i in idx[j * size : (j + 1) * size]], self.data.frames, pad, img)
                 for j in range(self.accum)]
 
     def _submit(self) -> Future | None:

@@ -1,0 +1,98 @@
+"""The GridNav expert ("shortest-path planner") and noisy DAgger-like demonstrations.
+
+Boxes do not block movement, so the shortest path to the goal is the straight line. The expert
+follows it with decisions a policy can infer from the frames: turn toward the goal when it is in
+view, go forward when it is roughly ahead, STOP within ``STOP_RADIUS``; when the goal is out of
+view, always turn LEFT (a fixed search direction needs no hidden state).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .world import (FORWARD, FORWARD_M, LEFT, RIGHT, STOP, STOP_RADIUS, EpisodeSpec, Pose,
+                    goal_bearing, goal_distance, step)
+
+AHEAD_RAD = math.radians(7.5) + 1e-6  # half a turn: after turning toward the goal it is ahead
+IN_VIEW_RAD = math.radians(45.0 - 3.0)  # hfov 90 deg with a margin so the goal is visibly in view
+
+
+def expert_action(spec: EpisodeSpec, pose: Pose) -> int:
+    """The expert's action at ``pose`` (see module doc). Never oscillates: turns toward an in-view
+    goal keep it in view and end with |bearing| <= 7.5 deg; the search always turns LEFT."""
+    if goal_distance(spec, pose) <= STOP_RADIUS:
+        return STOP
+    b = goal_bearing(spec, pose)
+    if abs(b) <= AHEAD_RAD:
+        return FORWARD
+    if abs(b) < IN_VIEW_RAD:
+        return LEFT if b > 0 else RIGHT
+    return LEFT
+
+
+@dataclass
+class Demo:
+    """A demonstration: pose at each frame, action executed at that frame (last = STOP), and the
+    expert label at that frame (differs from ``executed`` where noise was injected)."""
+
+    poses: list[Pose] = field(default_factory=list)
+    executed: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.poses)
+
+
+def demonstrate(spec: EpisodeSpec, rng: np.random.Generator, noise_p: float = 0.25,
+                max_frames: int = 100) -> Demo:
+    """Noisy demonstration: label = expert action; with probability ``noise_p`` a uniformly random
+    non-STOP action is executed instead (label kept), so a policy learns to recover from mistakes.
+    Ends when STOP is executed; at ``max_frames`` the last frame executes STOP (label kept)."""
+    demo = Demo()
+    pose = spec.start
+    for t in range(max_frames):
+        label = expert_action(spec, pose)
+        action = label
+        if noise_p > 0 and rng.random() < noise_p:
+            action = int(rng.integers(FORWARD, RIGHT + 1))
+        if t == max_frames - 1:
+            action = STOP  # truncated: the demo still ends with STOP
+        demo.poses.append(pose)
+        demo.executed.append(action)
+        demo.labels.append(label)
+        if action == STOP:
+            break
+        pose = step(spec.layout, pose, action)
+    return demo
+
+
+def reference_path(spec: EpisodeSpec, max_frames: int = 500) -> list[Pose]:
+    """The noise-free expert rollout, start pose to the pose where it STOPs (inclusive); raises
+    RuntimeError on a wall collision or if it needs more than ``max_frames`` frames."""
+    poses = [spec.start]
+    pose = spec.start
+    for _ in range(max_frames):
+        a = expert_action(spec, pose)
+        if a == STOP:
+            return poses
+        nxt = step(spec.layout, pose, a)
+        if nxt == pose:
+            raise RuntimeError(f"expert collided with a wall in episode {spec.split}/{spec.index}")
+        pose = nxt
+        poses.append(pose)
+    raise RuntimeError(f"expert did not stop within {max_frames} steps ({spec.split}/{spec.index})")
+
+
+def path_length(poses: list[Pose]) -> float:
+    """Travelled distance along consecutive poses."""
+    return sum(math.hypot(b.x - a.x, b.y - a.y) for a, b in zip(poses, poses[1:]))
+
+
+def reference_length(spec: EpisodeSpec) -> float:
+    """Shortest length for SPL: FORWARD_M times the number of FORWARD moves of the reference."""
+    poses = reference_path(spec)
+    moves = sum(1 for a, b in zip(poses, poses[1:]) if (a.x, a.y) != (b.x, b.y))
+    return FORWARD_M * moves
