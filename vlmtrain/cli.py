@@ -39,7 +39,7 @@ def _data_gridnav(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     root = write_dataset(Path(args.out), episodes=args.episodes, seed=args.seed, split=args.split,
-                         image_size=args.image_size, noise_p=args.noise)
+                         image_size=args.image_size, noise_p=args.noise, detour_p=args.detour)
     info = json.loads((Path(root) / "meta" / "info.json").read_text())
     print(f"wrote {info['total_episodes']} episodes, {info['total_frames']} frames to {root} "
           f"in {time.perf_counter() - t0:.1f}s")
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="train", choices=["train", "val", "test"], help="layout split (held out from each other)")
     g.add_argument("--image-size", type=int, default=64, help="frame side in pixels")
     g.add_argument("--noise", type=float, default=0.25, help="probability of a random executed action (labels stay expert)")
+    g.add_argument("--detour", type=float, default=0.5,
+                   help="probability that an episode first detours to a distractor (labels stay expert)")
     g.set_defaults(func=_data_gridnav)
     return p
 

@@ -31,6 +31,7 @@ class DataConfig:
     gridnav_episodes: int = 0  # >0: generate this many GridNav episodes into `root` when it is absent
     gridnav_seed: int = 0  # seed of the generated GridNav world
     gridnav_noise: float = 0.25  # probability of a random executed action in GridNav demonstrations
+    gridnav_detour: float = 0.5  # probability that a GridNav demonstration first detours to a distractor
     load_workers: int = 2  # processes that decode frames at start-up
 
 

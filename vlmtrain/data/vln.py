@@ -50,7 +50,7 @@ def ensure_gridnav(dcfg) -> None:
 
     log.info("generating %d GridNav episodes into %s", dcfg.gridnav_episodes, root)
     write_dataset(root, episodes=dcfg.gridnav_episodes, seed=dcfg.gridnav_seed, split="train",
-                  noise_p=dcfg.gridnav_noise, setting=dcfg.setting)
+                  noise_p=dcfg.gridnav_noise, detour_p=dcfg.gridnav_detour, setting=dcfg.setting)
 
 
 def load_vln_data(

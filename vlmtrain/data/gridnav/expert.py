@@ -9,7 +9,7 @@ view, always turn LEFT (a fixed search direction needs no hidden state).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 
 import numpy as np
 
@@ -47,15 +47,28 @@ class Demo:
 
 
 def demonstrate(spec: EpisodeSpec, rng: np.random.Generator, noise_p: float = 0.25,
-                max_frames: int = 100) -> Demo:
-    """Noisy demonstration: label = expert action; with probability ``noise_p`` a uniformly random
-    non-STOP action is executed instead (label kept), so a policy learns to recover from mistakes.
+                max_frames: int = 100, detour_p: float = 0.0) -> Demo:
+    """Noisy demonstration (DAgger-like): the label is always the expert action toward the goal.
+
+    With probability ``noise_p`` a uniformly random non-STOP action is executed instead, so a policy
+    learns to recover from small mistakes. With probability ``detour_p`` per episode the demo first
+    *executes* the expert toward a random distractor box until it would stop there, then goes on
+    toward the goal: the frames near and facing distractors, labelled with the true expert's
+    actions, are what teaches colour grounding (without them "a box is close -> STOP" fits the data).
     Ends when STOP is executed; at ``max_frames`` the last frame executes STOP (label kept)."""
     demo = Demo()
     pose = spec.start
+    detour = None
+    if detour_p > 0 and rng.random() < detour_p:
+        others = [i for i in range(len(spec.layout.objects)) if i != spec.goal]
+        detour = replace(spec, goal=int(rng.choice(others)))
     for t in range(max_frames):
         label = expert_action(spec, pose)
         action = label
+        if detour is not None:
+            action = expert_action(detour, pose)
+            if action == STOP:  # reached the distractor: the detour is over
+                detour, action = None, label
         if noise_p > 0 and rng.random() < noise_p:
             action = int(rng.integers(FORWARD, RIGHT + 1))
         if t == max_frames - 1:

@@ -151,9 +151,10 @@ def _dump_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
                   split: str = "train", image_size: int = 64, noise_p: float = 0.25,
                   jpeg_quality: int = 90, setting: str = "125cm_0deg",
-                  workers: int | None = None, overwrite: bool = False) -> Path:
+                  workers: int | None = None, overwrite: bool = False, detour_p: float = 0.0) -> Path:
     """Generate ``episodes`` noisy demonstrations of ``split`` and write them as a LeRobot v2.1
-    dataset at ``out_dir`` (atomically: temp dir + rename). ``workers`` defaults to the CPU count
+    dataset at ``out_dir`` (atomically: temp dir + rename). ``noise_p`` and ``detour_p`` are the
+    DAgger-like perturbations of :func:`demonstrate`. ``workers`` defaults to the CPU count
     (1 = in-process). Returns the dataset root."""
     out = Path(out_dir)
     cam_h, pitch = parse_setting(setting)
@@ -169,7 +170,7 @@ def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
         # Specs and demos are cheap (no rendering): compute them here so task and global frame
         # indices are known before the workers write.
         specs = [make_episode(seed, split, i) for i in range(episodes)]
-        demos = [demonstrate(s, episode_rng(seed, split, i, stream=1), noise_p)
+        demos = [demonstrate(s, episode_rng(seed, split, i, stream=1), noise_p, detour_p=detour_p)
                  for i, s in enumerate(specs)]
         tasks: dict[str, int] = {}
         for s in specs:
@@ -213,7 +214,7 @@ def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
         ])
         (meta / "gridnav.json").write_text(json.dumps({
             "generator": "vlmtrain.data.gridnav", "episodes": episodes, "seed": seed,
-            "split": split, "image_size": image_size, "noise_p": noise_p,
+            "split": split, "image_size": image_size, "noise_p": noise_p, "detour_p": detour_p,
             "jpeg_quality": jpeg_quality, "setting": setting, "camera_height": cam_h,
             "hfov_deg": 90.0, "max_steps": MAX_STEPS,
         }, indent=2))
