@@ -26,6 +26,7 @@ class DataConfig:
     setting: str = "125cm_0deg"  # camera setting of the rgb frames (<height>cm_<pitch>deg)
     num_history: int = 8  # history frames per decision: unique(linspace(0, t-1, num_history))
     image_size: int = 32  # model input resolution (frames are resized once, at load)
+    prompt: str = "{history} now: {current} {instruction}."  # user turn: {history}, {current} image slots, {instruction}
     max_length: int = 256  # maximum tokens per sample; longer samples are an error, never cut silently
     on_error: str = "raise"  # bad records: raise (stop with file and record) or skip (count per reason)
     gridnav_episodes: int = 0  # >0: generate this many GridNav episodes into `root` when it is absent
@@ -163,6 +164,9 @@ def _validate(cfg: RunConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {sorted(allowed)}")
     m = cfg.model
+    for field_name in ("{history}", "{current}", "{instruction}"):
+        if field_name not in cfg.data.prompt:
+            raise ConfigError(f"data.prompt={cfg.data.prompt!r} lacks {field_name}")
     if cfg.data.image_size % m.patch_size:
         raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of model.patch_size={m.patch_size}")
     grid = cfg.data.image_size // m.patch_size

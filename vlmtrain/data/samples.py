@@ -26,13 +26,18 @@ def history_indices(t: int, num_history: int = 8) -> list[int]:
     return np.unique(np.linspace(0, t - 1, num_history).astype(np.int64)).tolist()
 
 
-def user_prompt(instruction: str, num_history_frames: int) -> str:
-    """The user turn: the instruction, one ``<image>`` slot per history frame, then the current frame's.
+DEFAULT_PROMPT = "{history} now: {current} {instruction}."
 
-    Kept short on purpose: every text token is paid for in every sample, and the frame-age embedding
-    already tells the model which slot is the current view.
+
+def user_prompt(instruction: str, num_history_frames: int, template: str = DEFAULT_PROMPT) -> str:
+    """The user turn from ``template``: ``{history}`` becomes one ``<image>`` per history frame,
+    ``{current}`` the current frame's ``<image>``, ``{instruction}`` the instruction.
+
+    The default is short on purpose (every text token is paid for in every sample; the frame-age
+    embedding already tells the model which slot is the current view) and puts the instruction last,
+    next to the answer, where a small causal LM reads it after every frame.
     """
-    return f"{instruction.strip()}. {IMAGE * num_history_frames} now: {IMAGE}"
+    return template.format(history=IMAGE * num_history_frames, current=IMAGE, instruction=instruction.strip())
 
 
 def action_text(action: int) -> str:
@@ -40,9 +45,9 @@ def action_text(action: int) -> str:
     return ACTION_TOKENS[int(action)]
 
 
-def template_texts(instructions: Sequence[str]) -> list[str]:
+def template_texts(instructions: Sequence[str], template: str = DEFAULT_PROMPT) -> list[str]:
     """Texts a tokenizer is trained on: every prompt shape the data produces."""
-    texts = [user_prompt(i, 0) for i in instructions] + [user_prompt(i, 2) for i in instructions[:1]]
+    texts = [user_prompt(i, 0, template) for i in instructions] + [user_prompt(i, 2, template) for i in instructions[:1]]
     return texts + list(ACTION_TOKENS)
 
 
@@ -87,8 +92,9 @@ class SampleTokenizer:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, tokens_per_image: int, max_length: int,
-                 tokens_per_history_image: int | None = None):
+                 tokens_per_history_image: int | None = None, template: str = DEFAULT_PROMPT):
         self.tok = tokenizer
+        self.template = template
         self.tokens_per_image = tokens_per_image
         self.tokens_per_history_image = tokens_per_history_image or tokens_per_image
         self.max_length = max_length
@@ -104,7 +110,8 @@ class SampleTokenizer:
         key = (instruction, num_history_frames)
         ids = self._cache.get(key)
         if ids is None:
-            raw = self.tok(user_prompt(instruction, num_history_frames), add_special_tokens=False)["input_ids"]
+            text = user_prompt(instruction, num_history_frames, self.template)
+            raw = self.tok(text, add_special_tokens=False)["input_ids"]
             ids = [self.user_id]
             seen = 0
             for i in raw:

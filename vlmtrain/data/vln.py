@@ -78,8 +78,8 @@ def load_vln_data(
     samples = build_vln_samples(episodes, offsets, dcfg.num_history)
     if tokenizer is None:
         instructions = sorted({i for ep in episodes for i in ep.instructions})
-        tokenizer = train_tokenizer(template_texts(instructions), vocab_size)
-    stok = SampleTokenizer(tokenizer, image_tokens[0], dcfg.max_length, image_tokens[1])
+        tokenizer = train_tokenizer(template_texts(instructions, dcfg.prompt), vocab_size)
+    stok = SampleTokenizer(tokenizer, image_tokens[0], dcfg.max_length, image_tokens[1], dcfg.prompt)
     tokenized = []
     for s in samples:
         try:

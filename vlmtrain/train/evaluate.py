@@ -85,7 +85,8 @@ def load_run(run_dir: Path) -> tuple[RunConfig, ComposedVLM, SampleTokenizer]:
     model = ComposedVLM.from_pretrained(weights)
     tok = load_tokenizer(run_dir / "tokenizer")
     size = cfg.data.image_size
-    stok = SampleTokenizer(tok, model.tokens_per_image(size), cfg.data.max_length, model.tokens_per_history_image(size))
+    stok = SampleTokenizer(tok, model.tokens_per_image(size), cfg.data.max_length,
+                           model.tokens_per_history_image(size), cfg.data.prompt)
     return cfg, model, stok
 
 
