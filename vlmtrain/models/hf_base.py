@@ -1,0 +1,142 @@
+"""The shared shape of every HF VLM adapter (Qwen2/2.5/3-VL, Idefics3/SmolVLM, LLaVA).
+
+An adapter wraps a ``transformers`` ``...ForConditionalGeneration`` model loaded from a local
+directory and splits it into the three calls of ``models/protocol.py``:
+
+- ``encode_images(pixels, meta)``: pixels of N frames -> visual tokens ``(N, K, D)``; K is the same
+  for every frame because a run resizes all frames to one size (``frame_size``), which keeps frame
+  de-duplication, the feature cache and packing family-agnostic;
+- ``embed(input_ids, features, slot_frames)``: text embeddings with every image slot's placeholder
+  tokens replaced by ``features[slot_frames[s]]``;
+- ``forward_lm(inputs_embeds, labels, attention_mask, position_ids)``: mean next-token loss.
+
+Inputs are built by hand from the family's tokenizer and PIL image processor: ``AutoProcessor`` needs
+torchvision for Qwen-VL and SmolVLM, which vlmtrain never depends on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One conversation turn; ``text`` holds one ``<image>`` placeholder per image of the turn."""
+
+    role: str  # "system" | "user" | "assistant"
+    text: str
+
+
+@dataclass
+class FrameBatch:
+    """Preprocessed frames: ``pixels`` has a leading frame axis N (indexable, de-duplicable, cacheable);
+    ``meta`` holds per-frame tensors with the same leading axis (e.g. Qwen ``image_grid_thw`` (N, 3))."""
+
+    pixels: torch.Tensor
+    meta: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def select(self, rows: torch.Tensor) -> "FrameBatch":
+        """The frames at ``rows`` (a de-duplicated subset, in that order)."""
+        return FrameBatch(self.pixels[rows], {k: v[rows] for k, v in self.meta.items()})
+
+
+@dataclass
+class Encoded:
+    """A tokenised conversation: ``labels`` are IGNORE_INDEX except on assistant answers (and their end
+    token); ``num_images`` slots appear in token order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+
+
+class HFVLMAdapter(nn.Module):
+    """Base of the HF adapters. Subclasses set ``family`` and implement the abstract methods.
+
+    ``self.hf`` is the wrapped HF model (``export`` saves it with ``save_pretrained``),
+    ``self.tokenizer`` its tokenizer, ``self.image_processor`` its PIL image processor.
+    """
+
+    family: ClassVar[str] = ""
+    uses_mrope: ClassVar[bool] = False
+
+    def __init__(self, hf: nn.Module, tokenizer, image_processor, frame_size: tuple[int, int]):
+        super().__init__()
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.frame_size = frame_size  # (height, width) every frame is resized to
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, frame_size: Optional[tuple[int, int]] = None,
+                        dtype: torch.dtype = torch.float32) -> "HFVLMAdapter":
+        """Load model, tokenizer and PIL image processor from a local directory (never downloads)."""
+        raise NotImplementedError
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence) -> FrameBatch:
+        """PIL images -> a FrameBatch; every image is resized to ``frame_size`` first."""
+        raise NotImplementedError
+
+    def tokens_per_frame(self) -> int:
+        """K: visual tokens one frame becomes in the LM (after merging / pixel shuffle)."""
+        raise NotImplementedError
+
+    def encode_conversation(self, turns: Sequence[Turn]) -> Encoded:
+        """The family's chat format with each ``<image>`` expanded to its placeholder token sequence
+        (exactly ``tokens_per_frame()`` image-pad tokens per image plus the family's wrapper tokens)."""
+        raise NotImplementedError
+
+    # -- the three calls -------------------------------------------------------------------------
+    def encode_images(self, frames: FrameBatch) -> torch.Tensor:
+        """Frames -> visual tokens (N, K, D_lm)."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor, slot_frames: torch.Tensor,
+              slot_age: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with each image slot's pad tokens replaced by ``features[slot_frames]``."""
+        embeds = self.hf.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        flat_TD = features[slot_frames].reshape(-1, features.shape[-1])
+        if int(mask.sum()) != flat_TD.shape[0]:
+            raise ValueError(f"{self.family}: {int(mask.sum())} image-pad positions but "
+                             f"{slot_frames.numel()} slots x {features.shape[1]} tokens = {flat_TD.shape[0]}")
+        return embeds.masked_scatter(mask.unsqueeze(-1), flat_TD.to(embeds.dtype))
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     frames: Optional[FrameBatch] = None, slot_frames: Optional[torch.Tensor] = None
+                     ) -> Optional[torch.Tensor]:
+        """Position ids for ``forward_lm``: None for 1D RoPE (the LM counts positions itself),
+        (3, B, L) MRoPE positions computed per sample for the Qwen family."""
+        return None
+
+    def forward_lm(self, inputs_embeds: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor] = None,
+                   position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean next-token cross-entropy over labelled positions (labels unshifted, -100 ignored)."""
+        raise NotImplementedError
+
+    def hf_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                frames: FrameBatch) -> torch.Tensor:
+        """The wrapped HF model's own ``forward(...).loss`` on the same inputs (``frames`` hold one
+        row per image slot, in order): the reference the adapter tests compare against."""
+        raise NotImplementedError
+
+    # -- parts -----------------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        """Id of the image-pad token that ``embed`` fills."""
+        raise NotImplementedError
+
+    def part_of(self, param_name: str) -> str:
+        """Part of a parameter name of this adapter: vision, projector or llm (freeze flags, lr groups)."""
+        raise NotImplementedError
