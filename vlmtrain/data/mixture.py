@@ -1,0 +1,150 @@
+"""Dataset mixtures: ``name%N`` specs, a seeded selection plan, and a summary table.
+
+A mixture keeps ``N`` percent of each source's samples: ``N < 100`` draws a subset without
+replacement, ``N > 100`` repeats the source ``N // 100`` whole times and draws the remainder
+without replacement. `plan_mixture` is a pure function of its arguments (no global RNG, no
+``hash()``, no dependence on the order other sources were added), so every rank computes the very
+same plan without communicating. It decides *which* samples are used, not in which order: the
+sampler shuffles per epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "format_mixture_table",
+    "parse_source_spec",
+    "plan_mixture",
+    "planned_count",
+    "select_indices",
+    "summarize_mixture",
+]
+
+_PERCENT = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)$")
+
+
+def parse_source_spec(spec: str) -> tuple[str, float]:
+    """Split ``"name%N"`` into ``(name, N)``; a bare ``"name"`` means 100 %.
+
+    ``N`` is a non-negative decimal number (``50``, ``12.5``, ``250``).
+
+    Raises:
+        ValueError: empty name, more than one ``%``, or ``N`` not a number.
+    """
+    name, sep, pct = spec.strip().partition("%")
+    if not name:
+        raise ValueError(
+            f"bad source spec {spec!r}: empty dataset name (expected 'name' or 'name%N')"
+        )
+    if not sep:
+        return name, 100.0
+    if "%" in pct or not _PERCENT.match(pct):
+        raise ValueError(
+            f"bad source spec {spec!r}: expected 'name%N' with N a non-negative number, "
+            f"e.g. '{name}%50' or '{name}%250'"
+        )
+    return name, float(pct)
+
+
+def planned_count(n: int, percent: float) -> int:
+    """How many samples ``percent`` % of ``n`` gives: ``n * percent / 100`` rounded half up."""
+    if n < 0:
+        raise ValueError(f"sample count must be >= 0, got {n}")
+    if not math.isfinite(percent) or percent < 0:
+        raise ValueError(f"percent must be a finite number >= 0, got {percent}")
+    # Half-up rather than Python's banker's rounding, so 50 % of 3 is 2 whatever the parity.
+    return int(math.floor(n * percent / 100.0 + 0.5))
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """A generator seeded by (seed, source name) only.
+
+    Keyed by name so adding or reordering other sources leaves this source's selection unchanged;
+    sha256 rather than ``hash()`` because ``hash(str)`` differs between processes.
+    """
+    digest = hashlib.sha256(f"{int(seed)}\x00{name}".encode("utf-8")).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def select_indices(n: int, percent: float, seed: int, name: str = "") -> list[int]:
+    """Indices of one source kept at ``percent`` %, ascending (repeats adjacent).
+
+    Whole copies first (every index ``k // n`` times for ``k = planned_count(n, percent)``), then
+    the remainder drawn without replacement by a generator seeded with ``(seed, name)``.
+    """
+    k = planned_count(n, percent)
+    if n == 0 or k == 0:
+        return []
+    whole, rest = divmod(k, n)
+    counts = np.full(n, whole, dtype=np.int64)
+    if rest:
+        counts[_rng(seed, name).choice(n, size=rest, replace=False)] += 1
+    return np.repeat(np.arange(n, dtype=np.int64), counts).tolist()
+
+
+def plan_mixture(
+    sources: Mapping[str, int], percents: Mapping[str, float], seed: int
+) -> list[tuple[str, int]]:
+    """Which samples of which source a run uses.
+
+    Args:
+        sources: source name -> number of samples it has (iteration order = plan order).
+        percents: source name -> percent to keep; a source not listed keeps 100 %.
+        seed: the run's data seed.
+
+    Returns:
+        ``(source, index)`` pairs, source by source in `sources` order, indices ascending within
+        a source (an up-sampled index appears several times).
+
+    Raises:
+        ValueError: a percent for an unknown source, a negative count or percent.
+    """
+    unknown = sorted(set(percents) - set(sources))
+    if unknown:
+        raise ValueError(
+            f"percent given for unknown source(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sources) or '(none)'}"
+        )
+    plan: list[tuple[str, int]] = []
+    for name, n in sources.items():
+        indices = select_indices(n, float(percents.get(name, 100.0)), seed, name)
+        plan.extend((name, i) for i in indices)
+    return plan
+
+
+def summarize_mixture(plan: Sequence[tuple[str, int]]) -> dict[str, int]:
+    """Planned samples per source, in order of first appearance."""
+    counts: dict[str, int] = {}
+    for name, _ in plan:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def format_mixture_table(
+    sources: Mapping[str, int],
+    percents: Mapping[str, float],
+    plan: Sequence[tuple[str, int]],
+) -> str:
+    """A plain-text table printed at start: available, percent, planned and share per source."""
+    planned = summarize_mixture(plan)
+    total = sum(planned.values())
+    rows = [("source", "available", "percent", "planned", "share")]
+    for name, n in sources.items():
+        k = planned.get(name, 0)
+        share = f"{100.0 * k / total:.1f}%" if total else "-"
+        rows.append((name, str(n), f"{percents.get(name, 100.0):g}%", str(k), share))
+    rows.append(("total", str(sum(sources.values())), "", str(total), "100.0%" if total else "-"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0 or i == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
