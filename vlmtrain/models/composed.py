@@ -15,6 +15,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from vlmtrain.models.loss import labelled_cross_entropy
 from vlmtrain.models.projector import PixelShuffleProjector
 
 WEIGHTS = "model.safetensors"
@@ -113,11 +114,11 @@ class ComposedVLM(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over labelled positions (labels are unshifted, -100 ignored)."""
-        out = self.lm(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels
-        )
-        return out.loss
+        """Mean next-token cross-entropy over labelled positions (labels are unshifted, -100 ignored);
+        logits only at labelled positions (``models/loss.py``)."""
+        hidden = self.lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state
+        return labelled_cross_entropy(hidden, self.lm.lm_head, labels)
 
     def next_token_logits(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
