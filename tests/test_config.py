@@ -55,3 +55,40 @@ def test_every_key_is_documented_and_doc_is_current():
     assert not missing, f"keys missing from the config reference: {missing}"
     doc = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
     assert doc == rendered, "docs/config.md is stale: python -m vlmtrain.tools.config_doc > docs/config.md"
+
+
+HF = ["model.family=qwen2_5_vl", "model.path=models/not_made_yet"]  # paths are checked at build time
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.family=llava"], "needs model.path"),
+    (["model.lora=true"], "needs an HF model.family"),
+    (["data.format=llava_json"], "composed trains on one lerobot_vln"),
+    (HF + ["data.sources=[{name: a, format: llava_json, pth: x.json}]"], r"data\.sources\[0\]\.pth.*did you mean 'path'"),
+    (HF + ["data.sources=[{name: a%50, percent: 20, format: llava_json, path: x.json}]"], "percent once"),
+    (HF + ["data.sources=[{name: a, path: x.json}, {name: a, path: y.json}]"], "used twice"),
+    (HF + ["data.sources=[{name: r2r, format: internvla_n1, path: d}]"], "InternVLA-N1 dataset name"),
+    (HF + ["data.sources=[{name: a, format: parquet, path: d}]"], r"data\.sources\[0\]\.format"),
+    (HF + ["train.grad_checkpointing=[decoder]"], "unknown part"),
+    (HF + ["model.lora_parts=[]", "model.lora=true"], "lora_parts is empty"),
+])
+def test_hf_family_and_sources_are_validated(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunConfig(), overrides=overrides)
+
+
+def test_sources_from_yaml(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model: {family: auto, path: m, lora: true}\n"
+                 "data:\n  sources:\n    - {name: gridnav%50, format: lerobot_vln, path: g}\n"
+                 "    - {name: chat, path: c.json, percent: 250}\n")
+    cfg = load_config(RunConfig(), yaml_path=f)
+    assert [(s.name, s.format, s.percent) for s in cfg.data.sources] == [
+        ("gridnav%50", "lerobot_vln", 100.0), ("chat", "llava_json", 250.0)]
+    assert load_config(yaml_path=_round_trip(cfg, tmp_path)) == cfg
+
+
+def _round_trip(cfg, tmp_path):
+    path = tmp_path / "saved.yaml"
+    path.write_text(to_yaml(cfg))
+    return path

@@ -34,6 +34,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from vlmtrain.train.export_run import export_run
+
+    if args.merged is None and args.adapter is None:
+        print("vlmtrain export: give --merged OUT and/or --adapter OUT", file=sys.stderr)
+        return 2
+    for path in export_run(args.run_dir, merged=args.merged, adapter=args.adapter, overwrite=args.overwrite):
+        print(f"wrote {path}")
+    return 0
+
+
 def _data_gridnav(args: argparse.Namespace) -> int:
     from vlmtrain.data.gridnav.generate import write_dataset
 
@@ -65,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, help="number of held-out episodes (default: the run's eval.episodes)")
     e.add_argument("--seed", type=int, help="seed of the held-out episodes (default: the run's eval.seed)")
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="export an HF-family run (merged HF checkpoint or PEFT adapter)",
+                       description="Rebuild a run's model from RUN_DIR/config.yaml and its newest checkpoint, then "
+                                   "write a merged HF checkpoint (--merged) and/or a PEFT adapter (--adapter).")
+    x.add_argument("run_dir", help="run directory written by `vlmtrain train` (an HF model.family)")
+    x.add_argument("--merged", metavar="OUT", help="write LoRA merged into the base weights as a plain HF model dir")
+    x.add_argument("--adapter", metavar="OUT", help="write the PEFT adapter plus the fully trained modules")
+    x.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
+    x.set_defaults(func=_export)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)

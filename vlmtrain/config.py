@@ -17,15 +17,34 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+# On-disk formats a source can have (readers in vlmtrain/data/formats/, wired in data/sources.py).
+DATA_FORMATS = ("lerobot_vln", "internvla_n1", "streamvln", "llava_json", "internvl_meta")
+# Model families: the composed model (built from model.*) or an HF checkpoint in model.path.
+HF_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "llava")
+MODEL_PARTS = ("vision", "projector", "llm")
+
+
+@dataclass
+class SourceConfig:
+    """One entry of ``data.sources``: a dataset on disk and its share of the mixture."""
+
+    name: str = ""  # unique label (mixture key, logs); "name%N" sets percent; internvla_n1: the dataset name, e.g. r2r_125cm_0_30
+    format: str = "llava_json"  # lerobot_vln, internvla_n1, streamvln, llava_json or internvl_meta
+    path: str = ""  # dataset root (VLN formats), annotation file (llava_json) or meta JSON (internvl_meta)
+    image_root: str = ""  # llava_json: folder relative image paths are joined to ("": the annotation file's folder)
+    percent: float = 100.0  # share kept: <100 subsamples, >100 repeats (seeded, data/mixture.py); internvl_meta: times repeat_time
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they are built."""
 
-    root: str = "data/gridnav/train"  # LeRobot VLN dataset root (or a folder of scene roots)
-    format: str = "lerobot_vln"  # on-disk format reader
+    root: str = "data/gridnav/train"  # the single source when data.sources is empty: dataset root or annotation file
+    format: str = "lerobot_vln"  # format of data.root (the composed model reads lerobot_vln only)
+    sources: list[SourceConfig] = field(default_factory=list)  # HF families: a mixture of sources (see data.sources[] below); empty: data.root
     setting: str = "125cm_0deg"  # camera setting of the rgb frames (<height>cm_<pitch>deg)
     num_history: int = 8  # history frames per decision: unique(linspace(0, t-1, num_history))
-    image_size: int = 32  # model input resolution (frames are resized once, at load)
+    image_size: int = 32  # composed model input resolution (frames are resized once, at load; HF families: model.frame_size)
     prompt: str = "{history} now: {current} {instruction}."  # user turn: {history}, {current} image slots, {instruction}
     max_length: int = 256  # maximum tokens per sample; longer samples are an error, never cut silently
     on_error: str = "raise"  # bad records: raise (stop with file and record) or skip (count per reason)
@@ -38,8 +57,17 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A composed VLM: HF vision encoder + pixel-shuffle projector + HF causal LM (random init)."""
+    """The model: a pretrained HF VLM from model.path (optionally LoRA) or a composed VLM sized below."""
 
+    family: str = "composed"  # composed (random init, the vision_*/lm_* keys below), qwen2_vl, qwen2_5_vl, qwen3_vl, idefics3 (SmolVLM), llava, or auto (model_type in model.path)
+    path: str = ""  # local HF model directory (required unless family=composed; never downloaded)
+    frame_size: int = 0  # HF families: square side every frame is resized to (0: the adapter's default)
+    lora: bool = False  # HF families: train LoRA adapters; the parts in model.lora_parts then train only through them
+    lora_rank: int = 16  # LoRA rank r
+    lora_alpha: float = 32.0  # LoRA alpha (the update is scaled by alpha / rank)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch input
+    lora_targets: list[str] = field(default_factory=list)  # linear-module name suffixes to adapt ([]: attention + MLP of every family, models/lora.py DEFAULT_TARGETS)
+    lora_parts: list[str] = field(default_factory=lambda: ["llm", "vision"])  # parts that get LoRA layers: vision, projector, llm
     vision_hidden: int = 96  # SigLIP encoder width
     vision_layers: int = 2  # SigLIP encoder depth
     vision_heads: int = 4  # SigLIP attention heads
@@ -92,6 +120,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
     progress: bool = True  # live progress bar on an interactive terminal
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    grad_checkpointing: list[str] = field(default_factory=list)  # parts whose layers recompute activations in backward, e.g. [llm] or [vision, llm]
 
 
 @dataclass
@@ -157,23 +186,25 @@ def _validate(cfg: RunConfig) -> None:
     choices = {
         "train.precision": (cfg.train.precision, {"fp32", "bf16"}),
         "model.lm_arch": (cfg.model.lm_arch, {"llama", "qwen3"}),
+        "model.family": (cfg.model.family, {"composed", "auto", *HF_FAMILIES}),
         "data.on_error": (cfg.data.on_error, {"raise", "skip"}),
-        "data.format": (cfg.data.format, {"lerobot_vln"}),
+        "data.format": (cfg.data.format, set(DATA_FORMATS)),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {sorted(allowed)}")
-    m = cfg.model
     for field_name in ("{history}", "{current}", "{instruction}"):
         if field_name not in cfg.data.prompt:
             raise ConfigError(f"data.prompt={cfg.data.prompt!r} lacks {field_name}")
-    if cfg.data.image_size % m.patch_size:
-        raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of model.patch_size={m.patch_size}")
-    grid = cfg.data.image_size // m.patch_size
-    if grid % m.pixel_shuffle:
-        raise ConfigError(f"patch grid {grid}x{grid} is not divisible by model.pixel_shuffle={m.pixel_shuffle}")
-    if m.history_tokens and round(m.history_tokens**0.5) ** 2 != m.history_tokens:
-        raise ConfigError(f"model.history_tokens={m.history_tokens}: must be a square number (pooled grid)")
+    part_lists = {"model.lora_parts": cfg.model.lora_parts, "train.grad_checkpointing": cfg.train.grad_checkpointing}
+    for key, parts in part_lists.items():
+        unknown = sorted(set(parts) - set(MODEL_PARTS))
+        if unknown:
+            raise ConfigError(f"{key}={list(parts)}: unknown part(s) {unknown}; expected some of {list(MODEL_PARTS)}")
+    if cfg.model.family == "composed":
+        _validate_composed(cfg)
+    else:
+        _validate_hf(cfg)
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of train.grad_accum={cfg.train.grad_accum}"
@@ -182,6 +213,89 @@ def _validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be > 0")
+
+
+def _validate_composed(cfg: RunConfig) -> None:
+    m = cfg.model
+    if cfg.data.sources or cfg.data.format != "lerobot_vln":
+        raise ConfigError("model.family=composed trains on one lerobot_vln dataset (data.root); "
+                          "data.sources and other data.format values need an HF model.family")
+    if m.lora:
+        raise ConfigError("model.lora=true needs an HF model.family (the composed model trains fully)")
+    if cfg.data.image_size % m.patch_size:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of model.patch_size={m.patch_size}")
+    grid = cfg.data.image_size // m.patch_size
+    if grid % m.pixel_shuffle:
+        raise ConfigError(f"patch grid {grid}x{grid} is not divisible by model.pixel_shuffle={m.pixel_shuffle}")
+    if m.history_tokens and round(m.history_tokens**0.5) ** 2 != m.history_tokens:
+        raise ConfigError(f"model.history_tokens={m.history_tokens}: must be a square number (pooled grid)")
+
+
+def _validate_hf(cfg: RunConfig) -> None:
+    # Existence of model.path and data paths is checked when the run builds them, so a config can be
+    # validated (and shipped as an example) before its model and data exist.
+    m = cfg.model
+    if not m.path:
+        raise ConfigError(f"model.family={m.family} needs model.path (a local HF model directory)")
+    if m.frame_size < 0:
+        raise ConfigError(f"model.frame_size={m.frame_size}: must be >= 0 (0: the adapter's default)")
+    if m.lora_rank <= 0 or m.lora_alpha <= 0 or not 0.0 <= m.lora_dropout < 1.0:
+        raise ConfigError(f"model.lora_rank={m.lora_rank}, model.lora_alpha={m.lora_alpha}, "
+                          f"model.lora_dropout={m.lora_dropout}: need rank > 0, alpha > 0, 0 <= dropout < 1")
+    if m.lora and not m.lora_parts:
+        raise ConfigError("model.lora_parts is empty: name the parts that get LoRA layers")
+    if not cfg.data.sources and cfg.data.format == "internvla_n1":
+        raise ConfigError("data.format=internvla_n1: list the dataset under data.sources, its name "
+                          "(e.g. r2r_125cm_0_30) selects the camera settings")
+    names = set()
+    for i, src in enumerate(cfg.data.sources):
+        key = f"data.sources[{i}]"
+        name, _ = source_name_and_percent(src, key)
+        if src.format not in DATA_FORMATS:
+            raise ConfigError(f"{key}.format={src.format!r}: expected one of {list(DATA_FORMATS)}")
+        if not src.path:
+            raise ConfigError(f"{key}.path is empty")
+        if name in names:
+            raise ConfigError(f"{key}.name={name!r} is used twice; source names must be unique")
+        names.add(name)
+        if src.format == "internvla_n1":
+            from vlmtrain.data.formats.internvla_n1 import parse_dataset_name
+
+            try:
+                parse_dataset_name(name)
+            except ValueError as e:
+                raise ConfigError(f"{key}.name: {e}") from None
+
+
+def source_name_and_percent(src: SourceConfig, key: str = "data.sources[]") -> tuple[str, float]:
+    """A source's name and percent; ``name: r2r%50`` is the same as ``name: r2r, percent: 50``."""
+    from vlmtrain.data.mixture import parse_source_spec
+
+    try:
+        name, percent = parse_source_spec(src.name)
+    except ValueError as e:
+        raise ConfigError(f"{key}.name: {e}") from None
+    if "%" in src.name and src.percent != 100.0:
+        raise ConfigError(f"{key}: give the percent once, in name ({src.name!r}) or in percent ({src.percent:g})")
+    percent = percent if "%" in src.name else src.percent
+    if percent < 0:
+        raise ConfigError(f"{key}.percent={percent:g}: must be >= 0")
+    return name, percent
+
+
+def _check_source_items(layer: dict, source: str) -> None:
+    """Unknown keys inside ``data.sources`` items, with the closest valid key (OmegaConf's own message
+    does not say which item)."""
+    items = (layer.get("data") or {}).get("sources") if isinstance(layer.get("data"), dict) else None
+    known = [f.name for f in dataclasses.fields(SourceConfig)]
+    for i, item in enumerate(items or []):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{source}: data.sources[{i}] must be a mapping with keys {known}")
+        for key in item:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.0)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"{source}: unknown key 'data.sources[{i}].{key}'{hint}")
 
 
 def load_config(
@@ -200,13 +314,16 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping at the top level")
         _check_keys(list(_flatten(loaded)), str(yaml_path))
+        _check_source_items(loaded, str(yaml_path))
         layers.append((str(yaml_path), OmegaConf.create(loaded)))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value")
         key = item.split("=", 1)[0].strip()
         _check_keys([key], "command line")
-        layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+        layer = OmegaConf.from_dotlist([item])
+        _check_source_items(OmegaConf.to_container(layer), f"override '{item}'")
+        layers.append((f"override '{item}'", layer))
     merged = schema
     for source, layer in layers:
         try:

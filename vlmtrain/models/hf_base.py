@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 
 IGNORE_INDEX = -100
@@ -46,6 +47,11 @@ class FrameBatch:
     def select(self, rows: torch.Tensor) -> "FrameBatch":
         """The frames at ``rows`` (a de-duplicated subset, in that order)."""
         return FrameBatch(self.pixels[rows], {k: v[rows] for k, v in self.meta.items()})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "FrameBatch":
+        """The same frames on ``device`` (pixels and every meta tensor)."""
+        return FrameBatch(self.pixels.to(device, non_blocking=non_blocking),
+                          {k: v.to(device, non_blocking=non_blocking) for k, v in self.meta.items()})
 
 
 @dataclass
@@ -86,6 +92,16 @@ class HFVLMAdapter(nn.Module):
     def preprocess(self, images: Sequence) -> FrameBatch:
         """PIL images -> a FrameBatch; every image is resized to ``frame_size`` first."""
         raise NotImplementedError
+
+    def prepare_frames(self, pixels_NCHW: torch.Tensor) -> FrameBatch:
+        """uint8 RGB frames (N, 3, H, W), as the data pipeline decodes them once at start, -> the
+        family's FrameBatch through ``preprocess`` (so training sees exactly what inference sees).
+        Frames already at ``frame_size`` are not resized again."""
+        if pixels_NCHW.dtype != torch.uint8 or pixels_NCHW.ndim != 4 or pixels_NCHW.shape[1] != 3:
+            raise ValueError(f"{self.family}: prepare_frames wants uint8 (N, 3, H, W) frames, got "
+                             f"{pixels_NCHW.dtype} {tuple(pixels_NCHW.shape)}")
+        frames_NHWC = pixels_NCHW.permute(0, 2, 3, 1).cpu().numpy()
+        return self.preprocess([Image.fromarray(frame) for frame in frames_NHWC])
 
     def tokens_per_frame(self) -> int:
         """K: visual tokens one frame becomes in the LM (after merging / pixel shuffle)."""

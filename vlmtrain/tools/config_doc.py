@@ -22,8 +22,16 @@ Booleans accept `true`/`false`; `null` sets an optional value back to unset. Thi
 `python -m vlmtrain.tools.config_doc > docs/config.md` (a test checks it is current).
 """
 
-SECTIONS = [("", C.RunConfig), ("data.", C.DataConfig), ("model.", C.ModelConfig), ("optim.", C.OptimConfig),
-            ("train.", C.TrainConfig), ("eval.", C.EvalConfig)]
+SECTIONS = [("", C.RunConfig), ("data.", C.DataConfig), ("data.sources[].", C.SourceConfig), ("model.", C.ModelConfig),
+            ("optim.", C.OptimConfig), ("train.", C.TrainConfig), ("eval.", C.EvalConfig)]
+
+
+def _default_text(f: dataclasses.Field, source_text: str) -> str:
+    """The default as written in the source, or the value a ``field(default_factory=...)`` gives."""
+    if f.default_factory is dataclasses.MISSING:
+        return source_text
+    value = f.default_factory()
+    return "[" + ", ".join(str(v) for v in value) + "]" if isinstance(value, list) else repr(value)
 
 
 def render_config_doc() -> str:
@@ -39,7 +47,7 @@ def render_config_doc() -> str:
             m = re.search(rf"^\s+{f.name}: [^=]+= (.+?)  # (.+)$", body, re.M)
             if m is None:
                 raise ValueError(f"{cls.__name__}.{f.name} has no trailing comment to document it")
-            out.append(f"| `{prefix}{f.name}` | `{m.group(1)}` | {m.group(2)} |")
+            out.append(f"| `{prefix}{f.name}` | `{_default_text(f, m.group(1))}` | {m.group(2)} |")
         out.append("")
     return "\n".join(out)
 

@@ -2,6 +2,10 @@
 
 A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed to ``step-N`` only when complete,
 so a run killed at any instant leaves either a whole checkpoint or none.
+
+The composed model is saved whole (``save_pretrained``). An HF adapter saves only its trainable
+tensors (``trained.safetensors``): the frozen rest is ``model.path``'s and is reloaded from there on
+resume, so a LoRA checkpoint of a multi-billion-parameter model is megabytes.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, load_model, save_file
+from torch import nn
+
+from vlmtrain.models.hf_base import HFVLMAdapter
 
 STATE = "trainer_state.json"
 OPTIM = "optimizer.pt"
 RNG = "rng.pt"
+TRAINED = "trained.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -53,6 +62,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def save_model_state(model: nn.Module, directory: Path) -> None:
+    """The model's weights into ``directory``: whole for the composed model, trainable tensors only
+    for an HF adapter (see the module docstring)."""
+    if not isinstance(model, HFVLMAdapter):
+        model.save_pretrained(directory)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, directory / TRAINED)
+
+
+def load_model_state(model: nn.Module, directory: Path) -> None:
+    """Restore what :func:`save_model_state` wrote; the names must match exactly (a checkpoint of
+    another model or freeze/LoRA setting is an error, not a partial load)."""
+    if not isinstance(model, HFVLMAdapter):
+        load_model(model, str(directory / "model.safetensors"), strict=True)
+        return
+    tensors = load_file(directory / TRAINED)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != set(params):
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ValueError(f"{directory / TRAINED} does not match the model's trainable parameters "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}); was the model, freeze or LoRA "
+                         "setting changed since it was written?")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+
 def save_checkpoint(
     ckpt_root: Path, step: int, model, optimizer, scheduler, trainer_state: dict[str, Any], keep: int = 2
 ) -> Path:
@@ -62,7 +100,7 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    save_model_state(model, tmp)
     torch.save(optimizer.state_dict(), tmp / OPTIM)
     torch.save(rng_state(), tmp / RNG)
     state = dict(trainer_state, step=step, scheduler=scheduler.state_dict())
@@ -94,9 +132,7 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG from ``path``; returns the trainer state."""
-    from safetensors.torch import load_model
-
-    load_model(model, str(path / "model.safetensors"), strict=True)
+    load_model_state(model, path)
     optimizer.load_state_dict(torch.load(path / OPTIM, weights_only=True))
     state = json.loads((path / STATE).read_text())
     scheduler.load_state_dict(state["scheduler"])

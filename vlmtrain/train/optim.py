@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -10,28 +11,41 @@ from torch import nn
 PARTS = ("vision", "projector", "llm")
 
 
+def part_of(model: nn.Module, name: str) -> str:
+    """The part of parameter (or module) ``name``: the model's own ``part_of`` when it has one (HF
+    adapters: LoRA weights belong to the part of the layer they wrap), else the composed model's
+    prefix rule (``vision.``, ``lm.``, everything else is the projector and frame-age embedding)."""
+    if hasattr(model, "part_of"):
+        return model.part_of(name)
+    if name.startswith("vision."):
+        return "vision"
+    if name.startswith("lm."):
+        return "llm"
+    return "projector"
+
+
 def model_parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Named parameters per part: vision encoder, projector (+ frame-age embedding), language model."""
     parts: dict[str, list[tuple[str, nn.Parameter]]] = {p: [] for p in PARTS}
     for name, param in model.named_parameters():
-        if name.startswith("vision."):
-            parts["vision"].append((name, param))
-        elif name.startswith("lm."):
-            parts["llm"].append((name, param))
-        else:
-            parts["projector"].append((name, param))
+        parts[part_of(model, name)].append((name, param))
     return parts
 
 
-def apply_freeze(model: nn.Module, tcfg) -> dict[str, int]:
-    """Freeze parts per ``train.freeze_*``; returns trainable parameter counts per part."""
+def trainable_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters per part (LoRA weights count in the part they adapt)."""
+    return {part: sum(p.numel() for _, p in params if p.requires_grad) for part, params in model_parts(model).items()}
+
+
+def apply_freeze(model: nn.Module, tcfg, also_frozen: Iterable[str] = ()) -> dict[str, int]:
+    """Freeze parts per ``train.freeze_*`` and the parts in ``also_frozen`` (those LoRA adapts);
+    returns trainable parameter counts per part."""
     frozen = {"vision": tcfg.freeze_vision, "projector": tcfg.freeze_projector, "llm": tcfg.freeze_llm}
-    counts = {}
+    frozen.update({part: True for part in also_frozen})
     for part, params in model_parts(model).items():
         for _, p in params:
             p.requires_grad_(not frozen[part])
-        counts[part] = sum(p.numel() for _, p in params if p.requires_grad)
-    return counts
+    return trainable_counts(model)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:

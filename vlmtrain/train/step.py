@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from vlmtrain.data.loader import Batch
+from vlmtrain.models.hf_base import HFVLMAdapter
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -19,9 +20,22 @@ def autocast_context(precision: str, device: torch.device):
 
 def batch_loss(model, batch: Batch, device: torch.device) -> torch.Tensor:
     """Mean loss of one micro-batch: encode its unique frames once, fill the slots, run the LM."""
+    if isinstance(model, HFVLMAdapter):
+        return adapter_batch_loss(model, batch, device)
     features = model.encode_images(batch.pixels.to(device, non_blocking=True))
     embeds = model.embed(batch.input_ids.to(device), features, batch.slot_frames.to(device), batch.slot_age.to(device))
     return model.forward_lm(embeds, batch.labels.to(device), attention_mask=batch.attention_mask.to(device))
+
+
+def adapter_batch_loss(model: HFVLMAdapter, batch: Batch, device: torch.device) -> torch.Tensor:
+    """``batch_loss`` of an HF adapter: the batch's unique uint8 frames go through the family's own
+    preprocessing, are encoded once, fill their slots; Qwen-VL adds its MRoPE position ids."""
+    frames = model.prepare_frames(batch.pixels).to(device, non_blocking=True)
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    slots = batch.slot_frames.to(device)
+    embeds = model.embed(ids, model.encode_images(frames), slots)
+    positions = model.position_ids(ids, mask, frames, slots)
+    return model.forward_lm(embeds, batch.labels.to(device), attention_mask=mask, position_ids=positions)
 
 
 def train_step(
