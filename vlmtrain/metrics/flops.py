@@ -1,0 +1,298 @@
+"""A FLOPs model of one training step, MFU against a known peak, and TGS.
+
+What is counted (model FLOPs, the MFU convention of PaLM and Megatron-LM):
+
+- **dense**: every weight matmul. A token through a part with ``N`` matmul weights costs ``2N`` FLOPs
+  forward (one multiply and one add per weight). Embedding lookups, norms, biases, activations and
+  softmax are left out: they are a few percent at most and are not tensor-core work.
+- **attention**: the two matmuls that have no weights, ``Q K^T`` and ``softmax(..) V``. A query
+  attending to ``s`` keys costs ``2 * 2 * s * head_dim * heads`` forward per layer. Lengths are the
+  *real per-document lengths*: a pack of documents under a block-diagonal mask costs ``sum(L_i^2)``,
+  not ``(sum L_i)^2``. The LM is causal, so its pair count is halved (``L^2 / 2``, the convention of
+  FlashAttention's benchmarks); a vision encoder attends over all patches of one frame.
+
+Training multipliers (per weight per token, dense part):
+
+====================  ====  =========================================================================
+mode                  mult  why
+====================  ====  =========================================================================
+``trained``           6N    forward 2N + activation grads 2N + weight grads 2N
+``frozen_backprop``   4N    frozen, but a trained part upstream needs its input grads: no weight grads
+``frozen``            2N    frozen and nothing upstream needs grads: forward only
+``cached``            0     features read from the feature cache: the part never runs
+====================  ====  =========================================================================
+
+Attention has no weights, so its backward is the activation grads only: 3x forward when gradients
+flow through it (``trained`` or ``frozen_backprop``), 1x for ``frozen`` and 0 for ``cached``.
+Activation recomputation is *not* counted: that is what makes this MFU rather than HFU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+PartMode = Literal["trained", "frozen_backprop", "frozen", "cached"]
+
+# FLOPs per matmul weight per token, by mode (see the module docstring).
+DENSE_MULTIPLIER: Mapping[str, int] = {"trained": 6, "frozen_backprop": 4, "frozen": 2, "cached": 0}
+# Multiple of the forward attention FLOPs, by mode: backward of a weightless matmul is 2x forward.
+ATTENTION_MULTIPLIER: Mapping[str, int] = {"trained": 3, "frozen_backprop": 3, "frozen": 1, "cached": 0}
+
+# Decoder-only text LMs whose MLP is gated (SwiGLU: gate, up and down projections).
+_GATED_TEXT_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "smollm3",
+})
+# Vision towers of the supported families and whether their MLP is gated.
+_VISION_GATED = {
+    "siglip_vision_model": False, "clip_vision_model": False, "idefics3_vision": False, "smolvlm_vision": False,
+    "qwen2_vl_vision": False, "qwen2_5_vl_vision": True, "qwen3_vl_vision": False,
+}
+# Qwen-VL towers are configured as depth / num_heads / temporal patches (and, in transformers 4.x, their
+# vision configs carried the composite model_type).
+_QWEN_VISION = {"qwen2_vl_vision": "qwen2_vl_vision", "qwen2_5_vl_vision": "qwen2_5_vl_vision",
+                "qwen3_vl_vision": "qwen3_vl_vision", "qwen2_vl": "qwen2_vl_vision",
+                "qwen2_5_vl": "qwen2_5_vl_vision", "qwen3_vl": "qwen3_vl_vision"}
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """The matmul shape of a transformer stack (text LM or vision encoder).
+
+    ``vocab`` is 0 for a vision encoder (no LM head). ``patch_embed_params`` is the per-token matmul
+    weight count of a vision encoder's patch embedding (a convolution with stride = kernel, i.e. a
+    matmul per patch); 0 for text, whose input is an embedding lookup.
+    """
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+    patch_embed_params: int = 0
+
+    def layer_params(self) -> int:
+        """Matmul weights of one block: q, k, v, o projections and the MLP."""
+        q_out = self.heads * self.head_dim
+        kv_out = self.kv_heads * self.head_dim
+        attn = self.hidden * q_out + 2 * self.hidden * kv_out + q_out * self.hidden
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return attn + mlp
+
+    def body_params(self) -> int:
+        """Matmul weights every token passes through (patch embedding + all blocks), LM head excluded."""
+        return self.patch_embed_params + self.layers * self.layer_params()
+
+    def head_params(self) -> int:
+        """Weights of the LM head (``hidden x vocab``; counted even when tied to the embedding)."""
+        return self.hidden * self.vocab
+
+    def matmul_params(self) -> int:
+        """N: all matmul weights (blocks, patch embedding and LM head)."""
+        return self.body_params() + self.head_params()
+
+    def attention_flops(self, seq_lengths: Sequence[int], causal: bool) -> int:
+        """Forward FLOPs of ``QK^T`` and ``AV`` over all layers for independent sequences.
+
+        Each sequence of length L costs ``4 * head_dim * heads * L^2`` per layer (halved when causal).
+        """
+        squares = sum(int(n) * int(n) for n in seq_lengths)
+        per_layer = 4 * self.head_dim * self.heads * squares
+        return self.layers * (per_layer // 2 if causal else per_layer)
+
+
+def _require(cfg: Any, names: Sequence[str], kind: str) -> dict[str, Any]:
+    """Attributes ``names`` of ``cfg``; one error listing every missing name."""
+    missing = [n for n in names if getattr(cfg, n, None) is None]
+    if missing:
+        mt = getattr(cfg, "model_type", type(cfg).__name__)
+        raise ValueError(f"{kind} config (model_type={mt!r}) lacks attribute(s) {missing}: build a "
+                         f"TransformerShape by hand for this architecture")
+    return {n: getattr(cfg, n) for n in names}
+
+
+def shape_from_hf_config(cfg: Any) -> TransformerShape:
+    """A :class:`TransformerShape` from an HF config, read attribute by attribute.
+
+    Text configs: Llama, Mistral, Qwen2, Qwen3 and the Qwen-VL ``text_config`` s (gated MLP).
+    Vision configs: SigLIP, CLIP, Idefics3 vision and the Qwen2/2.5/3-VL ``vision_config`` s; their
+    patch merger is the *projector* and is not part of the shape. A composite VLM config (with
+    ``text_config`` / ``vision_config``) is rejected with a hint: pass the sub-config you mean.
+    """
+    mt = getattr(cfg, "model_type", "")
+    if getattr(cfg, "text_config", None) is not None or getattr(cfg, "vision_config", None) is not None:
+        raise ValueError(f"{mt!r} is a composite config: pass cfg.text_config or cfg.vision_config")
+    if mt in _GATED_TEXT_TYPES:
+        a = _require(cfg, ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size"], "text")
+        heads = a["num_attention_heads"]
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        # Qwen3 sets head_dim explicitly (it may differ from hidden / heads); Llama may leave it None.
+        head_dim = getattr(cfg, "head_dim", None) or a["hidden_size"] // heads
+        return TransformerShape(a["hidden_size"], a["num_hidden_layers"], heads, kv_heads, head_dim,
+                                a["intermediate_size"], a["vocab_size"], gated_mlp=True)
+    if mt in _QWEN_VISION:
+        mt = _QWEN_VISION[mt]
+        a = _require(cfg, ["depth", "num_heads", "patch_size", "temporal_patch_size", "in_channels"], "vision")
+        if mt == "qwen2_vl_vision":
+            # Qwen2-VL: the tower width is embed_dim (hidden_size is the LM width the merger targets).
+            width = _require(cfg, ["embed_dim", "mlp_ratio"], "vision")
+            hidden, inter = width["embed_dim"], int(width["embed_dim"] * width["mlp_ratio"])
+        else:
+            width = _require(cfg, ["hidden_size", "intermediate_size"], "vision")
+            hidden, inter = width["hidden_size"], width["intermediate_size"]
+        patch = a["in_channels"] * a["temporal_patch_size"] * a["patch_size"] ** 2 * hidden
+        return TransformerShape(hidden, a["depth"], a["num_heads"], a["num_heads"], hidden // a["num_heads"],
+                                inter, 0, gated_mlp=_VISION_GATED[mt], patch_embed_params=patch)
+    if mt in _VISION_GATED:
+        a = _require(cfg, ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "patch_size"], "vision")
+        hidden, heads = a["hidden_size"], a["num_attention_heads"]
+        channels = getattr(cfg, "num_channels", None) or 3
+        return TransformerShape(hidden, a["num_hidden_layers"], heads, heads, hidden // heads,
+                                a["intermediate_size"], 0, gated_mlp=_VISION_GATED[mt],
+                                patch_embed_params=channels * a["patch_size"] ** 2 * hidden)
+    known = sorted(_GATED_TEXT_TYPES | set(_VISION_GATED))
+    raise ValueError(f"no FLOPs shape rule for model_type={mt!r}; known: {known}")
+
+
+def count_linear_params(module: nn.Module) -> int:
+    """Weights of every ``nn.Linear`` in ``module`` (e.g. the projector's ``projector_params``)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def part_modes(train_vision: bool, train_projector: bool, train_lm: bool, vision_cached: bool,
+               lm_lora: bool = False) -> dict[str, PartMode]:
+    """Modes of vision -> projector -> LM from freeze flags.
+
+    Gradients flow backwards from the loss: a frozen part needs a backward pass only when some part
+    *before* it (closer to the pixels) is trained. A LoRA-tuned LM (``lm_lora``) has frozen base
+    weights that still need activation grads for its adapters: ``frozen_backprop`` (the adapters' own
+    FLOPs are negligible and not counted).
+    """
+    if vision_cached and train_vision:
+        raise ValueError("a cached vision encoder cannot be trained")
+    vision: PartMode = "cached" if vision_cached else ("trained" if train_vision else "frozen")
+    upstream = train_vision
+    projector: PartMode = "trained" if train_projector else ("frozen_backprop" if upstream else "frozen")
+    upstream = upstream or train_projector
+    lm: PartMode = "trained" if train_lm else ("frozen_backprop" if upstream or lm_lora else "frozen")
+    return {"vision": vision, "projector": projector, "lm": lm}
+
+
+def _check_mode(name: str, mode: str) -> None:
+    if mode not in DENSE_MULTIPLIER:
+        raise ValueError(f"{name}={mode!r}; expected one of {sorted(DENSE_MULTIPLIER)}")
+
+
+def step_flops(
+    lm_shape: TransformerShape,
+    vision_shape: Optional[TransformerShape],
+    projector_params: int,
+    lm_doc_lengths: Sequence[int],
+    vision_patches_per_frame: int,
+    frames_encoded: int,
+    lm_mode: PartMode,
+    vision_mode: PartMode,
+    projector_mode: PartMode,
+    lm_head_positions: int,
+    projector_tokens_per_frame: Optional[int] = None,
+) -> dict[str, int]:
+    """Training FLOPs of one step (sum over its micro-batches), by part.
+
+    ``lm_doc_lengths``: real length of every document the LM processes (in a pack, each document on
+    its own, since a block-diagonal mask stops attention across documents). Padding is left out on
+    purpose: it is not useful work, so MFU shows the waste. ``frames_encoded``: unique frames of the
+    step (after de-duplication) — run through the tower, or read from the feature cache when
+    ``vision_mode="cached"`` (the tower then costs 0, while a projector that is not cached still runs
+    on those frames' features). ``lm_head_positions``: positions whose
+    logits are computed (all tokens for an HF ``labels=`` forward). ``projector_tokens_per_frame``:
+    tokens the projector's matmuls see per frame — after a pixel shuffle / patch merge that is
+    ``patches / shuffle^2``; defaults to ``vision_patches_per_frame``.
+
+    Returns ``{"vision_dense", "vision_attention", "projector", "lm_dense", "lm_attention", "lm_head",
+    "vision", "lm", "total"}`` in FLOPs.
+    """
+    for name, mode in (("lm_mode", lm_mode), ("vision_mode", vision_mode), ("projector_mode", projector_mode)):
+        _check_mode(name, mode)
+    tokens = sum(int(n) for n in lm_doc_lengths)
+    out: dict[str, int] = {}
+    if vision_shape is None or frames_encoded == 0:
+        out["vision_dense"] = out["vision_attention"] = 0
+    else:
+        patches = vision_patches_per_frame * frames_encoded
+        out["vision_dense"] = DENSE_MULTIPLIER[vision_mode] * vision_shape.body_params() * patches
+        # Each frame is its own attention sequence (full, not causal).
+        attn = vision_shape.attention_flops([vision_patches_per_frame] * frames_encoded, causal=False)
+        out["vision_attention"] = ATTENTION_MULTIPLIER[vision_mode] * attn
+    proj_tokens = (vision_patches_per_frame if projector_tokens_per_frame is None
+                   else projector_tokens_per_frame) * frames_encoded
+    out["projector"] = DENSE_MULTIPLIER[projector_mode] * projector_params * proj_tokens
+    out["lm_dense"] = DENSE_MULTIPLIER[lm_mode] * lm_shape.body_params() * tokens
+    out["lm_attention"] = ATTENTION_MULTIPLIER[lm_mode] * lm_shape.attention_flops(lm_doc_lengths, causal=True)
+    out["lm_head"] = DENSE_MULTIPLIER[lm_mode] * lm_shape.head_params() * lm_head_positions
+    out["vision"] = out["vision_dense"] + out["vision_attention"]
+    out["lm"] = out["lm_dense"] + out["lm_attention"] + out["lm_head"]
+    out["total"] = out["vision"] + out["projector"] + out["lm"]
+    return out
+
+
+def mfu(flops_per_s: float, peak: Optional[float]) -> Optional[float]:
+    """Model FLOPs utilisation: achieved FLOP/s per device over that device's peak; None without a peak.
+
+    Pass per-device numbers: ``step_flops(...)["total"]`` summed over ranks / world size / step time.
+    """
+    if peak is None or peak <= 0:
+        return None
+    return flops_per_s / peak
+
+
+# Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s per GPU. The match runs
+# in order, so the more specific PCIe / NVL variants come before the SXM default ("GH200" matches h200). fp32 means true fp32
+# (PyTorch leaves TF32 matmuls off by default), not TF32.
+_PEAKS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
+    (("h100", "pcie"), {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    (("h100", "nvl"), {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
+    (("h100",), {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM5
+    (("h200", "nvl"), {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
+    (("h200",), {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    (("a100",), {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+)
+_DTYPE_KEYS = {
+    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+    "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+    "fp32": "fp32", "float32": "fp32", "float": "fp32",
+}
+
+
+def peak_flops(device_name: str, dtype: Union[torch.dtype, str]) -> Optional[float]:
+    """Dense peak FLOP/s of one device (e.g. ``torch.cuda.get_device_name()``), None when unknown.
+
+    Unknown devices (CPUs included) return None rather than a guess, so MFU is never made up.
+    """
+    key = _DTYPE_KEYS.get(dtype if isinstance(dtype, torch.dtype) else str(dtype).lower())
+    if key is None:
+        return None
+    name = device_name.lower()
+    for needles, table in _PEAKS:
+        if all(n in name for n in needles):
+            return table.get(key)
+    return None
+
+
+def tgs(samples_per_s: float, mean_seq_len: float, num_gpus: int) -> float:
+    """Tokens per GPU per second: ``samples/s x mean sequence length / #GPUs``.
+
+    This is the throughput measure InternVL reports for its (packed) training runs ("TGS"); it counts
+    every sequence token (text and visual) and so is comparable across packing strategies only when
+    ``mean_seq_len`` is the *real* (unpadded) length.
+    """
+    if num_gpus <= 0:
+        raise ValueError(f"num_gpus={num_gpus} must be positive")
+    return samples_per_s * mean_seq_len / num_gpus
