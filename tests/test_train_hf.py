@@ -135,12 +135,13 @@ def test_lora_gridnav_learns_and_merged_export_matches(hf_cfg, gridnav_root, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_full_finetune_on_llava_json_learns(hf_cfg, tmp_path):
-    hf_cfg.model.lora = False
+@pytest.mark.parametrize("lora,steps,lr", [(False, 30, 1e-3), (True, 50, 2e-3)], ids=["full", "lora"])
+def test_finetune_on_llava_json_learns(hf_cfg, tmp_path, lora, steps, lr):
+    hf_cfg.model.lora = lora
     hf_cfg.data.format = "llava_json"
     hf_cfg.data.root = str(_write_llava(tmp_path / "llava", 36))
-    hf_cfg.train.steps = 30
-    hf_cfg.optim.lr = 1e-3
+    hf_cfg.train.steps = steps
+    hf_cfg.optim.lr = lr
     summary = train(hf_cfg)
     _assert_learns(Path(hf_cfg.output_dir))
     assert summary["data"]["samples"] == 36 and summary["data"]["frames"] == 3
