@@ -1,4 +1,6 @@
-"""Closed-loop GridNav evaluation of a trained run, next to two trivial policies."""
+"""Closed-loop GridNav evaluation of a trained run, next to two trivial policies.
+
+The composed model's policy lives here; HF-family runs use ``evaluate_hf.HFPolicy``."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from vlmtrain.data.samples import SampleTokenizer, history_indices
 from vlmtrain.data.tokenizer import load_tokenizer
 from vlmtrain.models.composed import ComposedVLM
 from vlmtrain.train.checkpoint import latest_checkpoint
+from vlmtrain.train.evaluate_hf import hf_policy
 
 log = logging.getLogger("vlmtrain")
 METRIC_KEYS = ("sr", "spl", "ne", "os", "ndtw")
@@ -90,24 +93,38 @@ def load_run(run_dir: Path) -> tuple[RunConfig, ComposedVLM, SampleTokenizer]:
     return cfg, model, stok
 
 
-def evaluate_run(run_dir: str | Path, episodes: Optional[int] = None, seed: Optional[int] = None) -> dict:
-    """Roll the run's policy out on held-out GridNav episodes; write and return ``eval.json``."""
-    run_dir = Path(run_dir)
-    cfg, model, stok = load_run(run_dir)
-    n = episodes if episodes is not None else cfg.eval.episodes
-    seed = seed if seed is not None else cfg.eval.seed
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    specs = [make_episode(seed, "test", i) for i in range(n)]
-    policy = VLMPolicy(model, stok, cfg.data.image_size, cfg.data.num_history, device)
-    results = simulate.rollout(specs, policy, max_steps=cfg.eval.max_steps)
-    report = summarize(results)
+def rollout_report(specs: list, policy: simulate.Policy, max_steps: int, seed: int) -> dict:
+    """The ``eval.json`` report of ``policy`` on ``specs``: metrics, outcome fractions (the failure
+    types) and the random and forward baselines on the same episodes."""
+    report = summarize(simulate.rollout(specs, policy, max_steps=max_steps))
     report["baselines"] = {
-        "random": summarize(simulate.rollout(specs, simulate.random_policy(seed), max_steps=cfg.eval.max_steps)),
-        "forward": summarize(simulate.rollout(specs, simulate.forward_policy(), max_steps=cfg.eval.max_steps)),
+        "random": summarize(simulate.rollout(specs, simulate.random_policy(seed), max_steps=max_steps)),
+        "forward": summarize(simulate.rollout(specs, simulate.forward_policy(), max_steps=max_steps)),
     }
     report["split"] = "test"
     report["seed"] = seed
+    return report
+
+
+def evaluate_run(run_dir: str | Path, episodes: Optional[int] = None, seed: Optional[int] = None) -> dict:
+    """Roll the run's policy out on held-out GridNav episodes; write and return ``eval.json``.
+
+    The run config's ``model.family`` picks the policy: the composed model scores the action tokens
+    after the prompt (``VLMPolicy``); an HF family loads ``model/`` and scores the four answers
+    (``evaluate_hf.HFPolicy``). Both give the same report (``rollout_report``)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(yaml_path=run_dir / "config.yaml")
+    n = episodes if episodes is not None else cfg.eval.episodes
+    seed = seed if seed is not None else cfg.eval.seed
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model.family == "composed":
+        cfg, model, stok = load_run(run_dir)
+        model.to(device).eval()
+        policy: simulate.Policy = VLMPolicy(model, stok, cfg.data.image_size, cfg.data.num_history, device)
+    else:
+        policy = hf_policy(run_dir, cfg, device)
+    specs = [make_episode(seed, "test", i) for i in range(n)]
+    report = rollout_report(specs, policy, cfg.eval.max_steps, seed)
     (run_dir / "eval.json").write_text(json.dumps(report, indent=1))
     return report
 
