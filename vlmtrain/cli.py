@@ -15,13 +15,40 @@ from vlmtrain.presets import PRESETS, get_preset
 
 
 def _train(args: argparse.Namespace) -> int:
+    from vlmtrain.dist.init import destroy, print0
     from vlmtrain.train.loop import train
 
+    summary = train(_load(args))  # under torchrun every rank runs this (docs/distributed.md)
+    print0(json.dumps({k: summary[k] for k in ("steps", "samples", "train_wall_s", "samples_per_s",
+                                               "tokens_per_s", "final_loss")}))
+    destroy()
+    return 0
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    """The config of a train / bench / cache command: preset, then YAML, then key=value overrides."""
     base = get_preset(args.preset) if args.preset else RunConfig()
-    cfg = load_config(base, args.config, args.overrides)
-    summary = train(cfg)
-    print(json.dumps({k: summary[k] for k in ("steps", "samples", "train_wall_s", "samples_per_s",
-                                              "tokens_per_s", "final_loss")}))
+    return load_config(base, args.config, args.overrides)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from vlmtrain.tools.bench import bench
+
+    record = bench(_load(args), warmup=args.warmup, steps=args.steps, compare=args.compare,
+                   warm_cache=not args.cold_cache)
+    print(json.dumps(record))
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from vlmtrain.features.precompute import fill_run_cache
+    from vlmtrain.features.source import FeatureCacheUnavailable
+
+    try:
+        print(json.dumps(fill_run_cache(_load(args))))
+    except FeatureCacheUnavailable as e:
+        print(f"vlmtrain cache: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -70,6 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 train.resume=true")
     t.set_defaults(func=_train)
 
+    b = sub.add_parser("bench", help="benchmark a config's training step against its LM-only floor", description=(
+        "Train WARMUP + STEPS steps of a config (preset / YAML / overrides as for train) and print one JSON line: "
+        "samples/s, tokens/s, TGS, MFU (when the device peak is known), padding efficiency, data wait %%, frames "
+        "encoded per sample, cache hit rate, the step breakdown, and the LM-only floor (the same LM's "
+        "forward+backward on the same packed tokens, image features in memory). Writes OUTPUT_DIR/bench.json."))
+    b.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
+    b.add_argument("--config", help="YAML config file (applied over the preset)")
+    b.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
+    b.add_argument("--steps", type=int, default=15, help="measured steps (default 15)")
+    b.add_argument("--compare", choices=["naive"],
+                   help="also run the same model and data padded, without de-duplication or cache; print the ratio")
+    b.add_argument("--cold-cache", action="store_true",
+                   help="do not fill the feature cache before measuring (default: fill it, as `vlmtrain cache`)")
+    b.add_argument("overrides", nargs="*", help="key=value overrides")
+    b.set_defaults(func=_bench)
+
+    c = sub.add_parser("cache", help="precompute the frozen-encoder feature cache of a config's data", description=(
+        "Encode every frame of the config's data with its frozen vision encoder (and projector, unless only the "
+        "encoder is frozen) into the feature cache (features.cache_dir, default OUTPUT_DIR/feature_cache). "
+        "features.cache=off is taken as auto. Fails, saying why, when the encoder trains."))
+    c.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
+    c.add_argument("--config", help="YAML config file (applied over the preset)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides")
+    c.set_defaults(func=_cache)
+
     e = sub.add_parser("eval", help="closed-loop GridNav evaluation of a run",
                        description="Roll a trained run out on held-out GridNav episodes; writes RUN_DIR/eval.json.")
     e.add_argument("run_dir", help="run directory written by `vlmtrain train`")
@@ -103,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vlmtrain`` console script."""
-    logging.basicConfig(level=os.environ.get("VLMTRAIN_LOG", "INFO"), format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    # Under torchrun only rank 0 logs below warnings (N ranks would print every line N times).
+    level = os.environ.get("VLMTRAIN_LOG", "INFO") if os.environ.get("RANK", "0") == "0" else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

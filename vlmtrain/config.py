@@ -53,6 +53,20 @@ class DataConfig:
     gridnav_noise: float = 0.25  # probability of a random executed action in GridNav demonstrations
     gridnav_detour: float = 0.5  # probability that a GridNav demonstration first detours to a distractor
     load_workers: int = 2  # processes that decode frames at start-up
+    workers: int = 0  # loader processes that decode each step's frames from disk (prefetching, pinned memory on CUDA); 0: decode every frame once at start-up and build steps on a thread
+    packing: bool = False  # pack several samples into each LM row (document-masked attention, positions reset per sample)
+    max_pack_tokens: int = 0  # LLM-token budget of one pack (0: data.max_length)
+    max_pack_vision: int = 0  # vision budget of one pack, in encoder patches (0: no vision budget)
+    packed_attention: str = "varlen"  # varlen: attention computed per document of a pack | mask: a (B,1,L,L) block-diagonal mask (computes the masked blocks too)
+
+
+@dataclass
+class FeaturesConfig:
+    """The frozen-encoder feature cache (features/cache.py)."""
+
+    cache: str = "off"  # off | auto (cache while the feature producer is frozen, else say why not and run without) | on (as auto, but an error when it cannot be used)
+    cache_dir: str = ""  # cache directory, one per encoder weights + preprocessing ("": output_dir/feature_cache)
+    dtype: str = "bf16"  # bf16 | fp16 store precision of cached features
 
 
 @dataclass
@@ -121,6 +135,31 @@ class TrainConfig:
     progress: bool = True  # live progress bar on an interactive terminal
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     grad_checkpointing: list[str] = field(default_factory=list)  # parts whose layers recompute activations in backward, e.g. [llm] or [vision, llm]
+    record_samples: bool = False  # write the sample ids of every step to samples.jsonl (checks data order and resume)
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallelism across processes started by torchrun (docs/distributed.md)."""
+
+    backend: str = "none"  # none | ddp | fsdp2 | deepspeed; ddp/fsdp2 without torchrun run as one process
+    comm: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: float = 1800.0  # a collective that waits longer than this fails the run instead of hanging it
+    ddp_find_unused: bool = False  # ddp: look for parameters without gradients every step (slower; a rank without images is handled without it)
+    ddp_bucket_cap_mb: float = 25.0  # ddp: gradient all-reduce bucket size in MiB
+    fsdp_mixed_precision: str = "auto"  # fsdp2 parameter dtype in forward/backward: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    fsdp_reduce_dtype: str = "fp32"  # fsdp2 gradient reduce-scatter dtype under bf16: fp32 (exact sums) | bf16 (half the traffic)
+    fsdp_reshard_after_forward: bool = True  # fsdp2: free each block's gathered weights after forward and gather again in backward (less memory, more traffic)
+    fsdp_shard_parts: list[str] = field(default_factory=lambda: ["vision", "llm"])  # fsdp2: parts whose transformer blocks are sharded one by one (others join the root group; with a feature cache vision always does)
+
+
+@dataclass
+class MemoryConfig:
+    """CUDA memory: allocator setting, synchronised cache emptying (no effect on CPU)."""
+
+    alloc_conf: str = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF set at start unless the user set PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF ("": leave the default)
+    empty_cache_on_retries: bool = False  # call torch.cuda.empty_cache on every rank at the same step when any rank's allocator retries grew
+    empty_cache_reserved_gib: float = 0.0  # ... or when any rank's reserved memory passes this many GiB (0: never)
 
 
 @dataclass
@@ -141,8 +180,11 @@ class RunConfig:
     seed: int = 0  # seeds model init, data order and every RNG
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -189,6 +231,13 @@ def _validate(cfg: RunConfig) -> None:
         "model.family": (cfg.model.family, {"composed", "auto", *HF_FAMILIES}),
         "data.on_error": (cfg.data.on_error, {"raise", "skip"}),
         "data.format": (cfg.data.format, set(DATA_FORMATS)),
+        "features.cache": (cfg.features.cache, {"off", "auto", "on"}),
+        "data.packed_attention": (cfg.data.packed_attention, {"varlen", "mask"}),
+        "features.dtype": (cfg.features.dtype, {"bf16", "fp16"}),
+        "parallel.backend": (cfg.parallel.backend, {"none", "ddp", "fsdp2", "deepspeed"}),
+        "parallel.comm": (cfg.parallel.comm, {"auto", "nccl", "gloo"}),
+        "parallel.fsdp_mixed_precision": (cfg.parallel.fsdp_mixed_precision, {"auto", "bf16", "fp32"}),
+        "parallel.fsdp_reduce_dtype": (cfg.parallel.fsdp_reduce_dtype, {"fp32", "bf16"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -196,7 +245,7 @@ def _validate(cfg: RunConfig) -> None:
     for field_name in ("{history}", "{current}", "{instruction}"):
         if field_name not in cfg.data.prompt:
             raise ConfigError(f"data.prompt={cfg.data.prompt!r} lacks {field_name}")
-    part_lists = {"model.lora_parts": cfg.model.lora_parts, "train.grad_checkpointing": cfg.train.grad_checkpointing}
+    part_lists = {"model.lora_parts": cfg.model.lora_parts, "train.grad_checkpointing": cfg.train.grad_checkpointing, "parallel.fsdp_shard_parts": cfg.parallel.fsdp_shard_parts}
     for key, parts in part_lists.items():
         unknown = sorted(set(parts) - set(MODEL_PARTS))
         if unknown:
@@ -209,10 +258,16 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of train.grad_accum={cfg.train.grad_accum}"
         )
-    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size, "train.log_every": cfg.train.log_every}
+    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size, "train.log_every": cfg.train.log_every,
+                "parallel.timeout_s": cfg.parallel.timeout_s}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be > 0")
+    non_negative = {"data.workers": cfg.data.workers, "data.max_pack_tokens": cfg.data.max_pack_tokens,
+                    "data.max_pack_vision": cfg.data.max_pack_vision, "memory.empty_cache_reserved_gib": cfg.memory.empty_cache_reserved_gib}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must be >= 0")
 
 
 def _validate_composed(cfg: RunConfig) -> None:

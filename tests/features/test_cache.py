@@ -162,7 +162,7 @@ def test_cache_enabled_switches_off_for_trained_vision():
     off, reason = cache_enabled({"llm"}, ("llm", "vision"))
     assert not off and "LoRA" in reason and "vision" in reason
     off, reason = cache_enabled({"projector", "llm"}, None)
-    assert not off and "projector" in reason and "producer_parts" in reason
+    assert not off and "projector" in reason and "train.freeze_projector=true" in reason
     on, _ = cache_enabled({"projector", "llm"}, None, producer_parts=("vision",))
     assert on
 

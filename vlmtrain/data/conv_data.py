@@ -21,7 +21,7 @@ import torch
 from vlmtrain.config import source_name_and_percent
 from vlmtrain.data.conversation import ConvSample, check_length, validate_sample
 from vlmtrain.data.errors import DataError, ErrorPolicy
-from vlmtrain.data.frames import decode_frames, load_frame
+from vlmtrain.data.frames import LazyFrames, decode_frames, load_frame, readable
 from vlmtrain.data.mixture import format_mixture_table, plan_mixture, summarize_mixture
 from vlmtrain.data.samples import TokenizedSample
 from vlmtrain.data.sources import SourceSamples, read_source
@@ -112,7 +112,7 @@ def load_conv_data(dcfg, adapter: HFVLMAdapter, seed: int) -> ConvData:
     height, width = adapter.frame_size
     if height != width:
         raise ValueError(f"frames are decoded square; the model's frame size is {adapter.frame_size}")
-    frames, unreadable = _decode(list(frame_ids), height, dcfg.load_workers, policy)
+    frames, unreadable = _decode(list(frame_ids), height, dcfg.load_workers, policy, lazy=dcfg.workers > 0)
     bad_ids = {frame_ids[p] for p in unreadable}
     for key, sample in encoded.items():
         if sample is not None and bad_ids.intersection(sample.frames):
@@ -151,9 +151,16 @@ def _tokenize(source: SourceSamples, index: int, tokenize: ConvTokenizer, frame_
     return TokenizedSample(encoded.input_ids, encoded.labels, frames)
 
 
-def _decode(paths: list[str], size: int, workers: int, policy: ErrorPolicy) -> tuple[torch.Tensor, set[str]]:
+def _decode(paths: list[str], size: int, workers: int, policy: ErrorPolicy, lazy: bool = False
+            ) -> tuple[torch.Tensor, set[str]]:
     """Decode every frame once; in skip mode an unreadable file becomes a zero frame whose path is
-    returned (its samples are then dropped). The per-file retry runs only after a failure."""
+    returned (its samples are then dropped). The per-file retry runs only after a failure.
+    ``lazy``: only check each file's header now; loader workers decode the frames later."""
+    if lazy:
+        bad = {p for p in paths if not readable(p)}
+        if bad and policy.raises:
+            raise DataError(sorted(bad)[0], "unreadable_image", detail="cannot be opened as an image")
+        return LazyFrames(paths, size), bad
     try:
         return decode_frames(paths, size, workers), set()
     except DataError:

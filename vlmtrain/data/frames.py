@@ -52,3 +52,39 @@ def decode_frames(paths: Sequence[str | Path], size: int, workers: int = 2) -> t
         with get_context("fork").Pool(workers) as pool:
             arr = np.concatenate(pool.map(_load_chunk, chunks))
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def readable(path: str | Path) -> bool:
+    """Whether ``path`` opens as an image (header only: the check a lazily decoded store makes at start)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+class LazyFrames:
+    """Frames decoded on demand: ``frames[idx]`` reads, resizes and stacks the files at ``idx``.
+
+    Stands in for the (N, 3, S, S) uint8 tensor of :func:`decode_frames` when ``data.workers > 0``:
+    loader worker processes then decode each step's unique frames themselves, so start-up does not
+    decode the whole dataset and the main process never touches a JPEG.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], size: int):
+        self.paths = [str(p) for p in paths]
+        self.size = size
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(N, 3, size, size), as the decoded tensor would have."""
+        return (len(self.paths), 3, self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        rows = torch.as_tensor(idx).reshape(-1).tolist()
+        arr = _load_chunk(([self.paths[i] for i in rows], self.size))
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from vlmtrain.data.errors import ErrorPolicy
 from vlmtrain.data.formats.lerobot import iter_dataset_roots, read_lerobot_vln
-from vlmtrain.data.frames import decode_frames
+from vlmtrain.data.frames import LazyFrames, decode_frames
 from vlmtrain.data.samples import SampleTokenizer, TokenizedSample, build_vln_samples, template_texts
 from vlmtrain.data.tokenizer import train_tokenizer
 
@@ -24,7 +24,7 @@ class VLNData:
     """Everything the loop needs from the data."""
 
     samples: list[TokenizedSample]
-    frames: torch.Tensor  # (N, 3, S, S) uint8, every frame of every episode once
+    frames: torch.Tensor  # (N, 3, S, S) uint8, every frame of every episode once (LazyFrames with data.workers > 0)
     tokenizer: PreTrainedTokenizerFast
     sample_tokenizer: SampleTokenizer
     num_episodes: int
@@ -88,5 +88,8 @@ def load_vln_data(
             if policy.raises:
                 raise ValueError(f"{episodes[s.episode].root}: episode {episodes[s.episode].episode_index}: {e}") from None
             policy.skipped["too_long"] += 1
-    frames = decode_frames(paths, dcfg.image_size, dcfg.load_workers)
+    if dcfg.workers > 0:  # loader workers decode each step's frames (data/frames.py LazyFrames)
+        frames = LazyFrames(paths, dcfg.image_size)
+    else:
+        frames = decode_frames(paths, dcfg.image_size, dcfg.load_workers)
     return VLNData(tokenized, frames, tokenizer, stok, len(episodes), policy.summary())

@@ -20,8 +20,8 @@ but not yet indexed is adopted on the next open from the keys stored in its head
 are removed. Shards are never rewritten, so open read handles stay valid. One writer per directory
 (threads of one process share the object safely; other processes may open it with ``read_only=True``).
 
-**Reads.** ``safetensors.safe_open`` memory-maps a shard and reads only the requested rows (grouped
-into contiguous runs); handles are kept open. Features come back as float32 holding values rounded
+**Reads.** Each shard's data is memory-mapped once (``numpy.memmap`` at the offset the safetensors
+header gives) and a lookup reads only the requested rows, with one indexed read per shard. Features come back as float32 holding values rounded
 to the store dtype (bf16 by default): a cached feature equals the recomputed one cast to the store
 dtype and back, not the raw fp32 output. ``encode_with_cache`` rounds fresh misses the same way, so a
 frame gets identical features whether it hit or missed.
@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -184,60 +185,57 @@ class FeatureCache:
         Counts every key as a hit or a miss in ``stats``.
         """
         with self._lock:
-            hits = torch.zeros(len(keys), dtype=torch.bool)
+            unique = set(keys)
             found: dict[str, tuple[int, int]] = {}  # key -> (shard, row); shard -1 = pending
-            for k in set(keys):
+            for k in unique:
                 if k in self._pending_index:
                     found[k] = (-1, self._pending_index[k])
-            found.update(self._indexed([k for k in set(keys) if k not in found]))
-            rows = self._read_rows(set(found.values()))
-            out = []
-            for i, k in enumerate(keys):
-                if k in found:
-                    hits[i] = True
-                    out.append(rows[found[k]])
-            n_hit = int(hits.sum())
-            self._hits += n_hit
-            self._misses += len(keys) - n_hit
-            if out:
-                return hits, torch.stack(out).float()
+            found.update(self._indexed([k for k in unique if k not in found]))
+            hit_rows = [i for i, k in enumerate(keys) if k in found]
+            hits = torch.zeros(len(keys), dtype=torch.bool)
+            hits[hit_rows] = True
+            self._hits += len(hit_rows)
+            self._misses += len(keys) - len(hit_rows)
+            if hit_rows:
+                return hits, self._gather([found[keys[i]] for i in hit_rows]).float()
             shape = self._meta["feature_shape"] or [0, 0]
             return hits, torch.zeros((0, *shape), dtype=torch.float32)
 
-    def _read_rows(self, locs: set[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
-        """Rows at (shard, row) locations, reading each shard's contiguous runs with one slice each."""
-        out: dict[tuple[int, int], torch.Tensor] = {}
-        by_shard: dict[int, list[int]] = {}
-        for shard, row in locs:
-            by_shard.setdefault(shard, []).append(row)
-        for shard, rows in by_shard.items():
+    def _gather(self, locs: list[tuple[int, int]]) -> torch.Tensor:
+        """Rows at (shard, row) locations, in order, in the store dtype: one indexed read per shard."""
+        out = torch.empty((len(locs), *self._meta["feature_shape"]), dtype=self.dtype)
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}
+        for i, (shard, row) in enumerate(locs):
+            positions, rows = by_shard.setdefault(shard, ([], []))
+            positions.append(i)
+            rows.append(row)
+        for shard, (positions, rows) in by_shard.items():
             if shard == -1:
-                for r in rows:
-                    out[(-1, r)] = self._pending_rows[r]
-                continue
-            view = self._handle(shard).get_slice(_TENSOR)
-            rows.sort()
-            start = prev = rows[0]
-            for r in rows[1:] + [None]:
-                if r is not None and r == prev + 1:
-                    prev = r
-                    continue
-                block = view[start:prev + 1]
-                for j in range(start, prev + 1):
-                    out[(shard, j)] = block[j - start]
-                if r is not None:
-                    start = prev = r
+                out[positions] = torch.stack([self._pending_rows[r] for r in rows])
+            else:
+                block = self._rows(shard)[np.asarray(rows)]  # fancy indexing copies only these rows
+                out[positions] = torch.from_numpy(block).view(self.dtype)
         return out
 
-    def _handle(self, shard: int):
-        """An open (memory-mapped) handle on a shard; shards are immutable, so handles never go stale."""
-        h = self._handles.get(shard)
-        if h is None:
+    def _rows(self, shard: int) -> np.ndarray:
+        """A shard's (rows, K, D) feature array, memory-mapped read-only as 16-bit words (bf16 and fp16
+        have no NumPy type; the bytes are reinterpreted by ``_gather``). Shards are immutable once
+        renamed into place, so a mapping never goes stale."""
+        rows = self._handles.get(shard)
+        if rows is None:
             if shard not in self._shard_files:  # indexed by another process after we opened
                 self._load_shard_table()
-            h = safe_open(str(self.root / self._shard_files[shard]), framework="pt")
-            self._handles[shard] = h
-        return h
+            path = self.root / self._shard_files[shard]
+            with open(path, "rb") as f:  # safetensors: u64 header size, JSON header, then the raw data
+                header_size = int.from_bytes(f.read(8), "little")
+                entry = json.loads(f.read(header_size))[_TENSOR]
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in ("BF16", "F16") or end - begin != 2 * int(np.prod(entry["shape"])):
+                raise ValueError(f"{path}: unexpected feature tensor {entry}")
+            rows = np.memmap(path, dtype=np.uint16, mode="r", offset=8 + header_size + begin,
+                             shape=tuple(entry["shape"]))
+            self._handles[shard] = rows
+        return rows
 
     # -- writing ---------------------------------------------------------------------------------
     def put(self, keys: list[str], features: torch.Tensor) -> int:

@@ -104,12 +104,13 @@ def cache_enabled(
     for part in producers:
         if part in lora:
             return False, (f"feature cache off: the {part} part has LoRA layers that train, so its "
-                           f"features change every step (drop '{part}' from the LoRA parts to cache)")
+                           f"features change every step (drop '{part}' from model.lora_parts to cache)")
         if part in trainable:
-            hint = (" (or cache vision-only features with producer_parts=('vision',))"
-                    if part == PROJECTOR and VISION in producers else "")
+            hint = (" (a model whose projector can be split from its encoder caches vision-only features "
+                    "while the projector trains; this one cannot)" if part == PROJECTOR and VISION in producers
+                    else "")
             return False, (f"feature cache off: the {part} part trains, so its features change every "
-                           f"step (freeze it to cache{hint})")
+                           f"step (set train.freeze_{part}=true to cache{hint})")
     return True, f"feature cache on: {' + '.join(producers)} frozen, features keyed by encoder fingerprint"
 
 

@@ -296,3 +296,50 @@ def tgs(samples_per_s: float, mean_seq_len: float, num_gpus: int) -> float:
     if num_gpus <= 0:
         raise ValueError(f"num_gpus={num_gpus} must be positive")
     return samples_per_s * mean_seq_len / num_gpus
+
+
+@dataclass(frozen=True)
+class ModelFlops:
+    """Per-step training FLOPs of one model as configured to train (shapes and part modes fixed).
+
+    ``cached``: image features come from the feature cache (the tower runs only on misses, without
+    gradients); ``split``: the cache holds vision-encoder features and the projector runs on every
+    unique frame of the step.
+    """
+
+    lm: TransformerShape
+    vision: Optional[TransformerShape]
+    projector_params: int
+    patches_per_frame: int
+    tokens_per_frame: int
+    modes: Mapping[str, str]
+    cached: bool = False
+    split: bool = False
+
+    def step(self, doc_lengths: Sequence[int], unique_frames: int, frames_encoded: int, label_tokens: int) -> int:
+        """Training FLOPs of one step: documents' real lengths, unique frames, frames the tower ran on
+        and labelled positions (the LM head runs only there, ``models/loss.py``)."""
+        vision_mode = "frozen" if self.cached else self.modes["vision"]
+        parts = step_flops(self.lm, self.vision, 0, doc_lengths, self.patches_per_frame, frames_encoded,
+                           self.modes["lm"], vision_mode, "frozen", label_tokens)
+        proj_frames = unique_frames if (self.split or not self.cached) else frames_encoded
+        proj_mode = self.modes["projector"] if (self.split or not self.cached) else "frozen"
+        projector = DENSE_MULTIPLIER[proj_mode] * self.projector_params * self.tokens_per_frame * proj_frames
+        return parts["total"] + projector
+
+
+def model_flops(model: nn.Module, part_fn, trained: set, lora: set, cached: bool = False,
+                split: bool = False) -> ModelFlops:
+    """:class:`ModelFlops` of a composed model (``model.lm`` / ``model.vision``) or an HF adapter
+    (``model.hf.config.text_config`` / ``vision_config``). ``part_fn(model, name)`` names a
+    parameter's part; ``trained`` / ``lora``: parts with trainable weights / trainable LoRA layers."""
+    hf = getattr(model, "hf", None)
+    text_cfg, vision_cfg = ((hf.config.text_config, hf.config.vision_config) if hf is not None
+                            else (model.lm.config, model.vision.config))
+    projector = sum(m.weight.numel() for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and part_fn(model, f"{name}.weight") == "projector")
+    modes = part_modes("vision" in trained or "vision" in lora, "projector" in trained or "projector" in lora,
+                       "llm" in trained, vision_cached=False, lm_lora="llm" in lora)
+    return ModelFlops(shape_from_hf_config(text_cfg), shape_from_hf_config(vision_cfg), projector,
+                      model.vision_patches_per_frame(), model.tokens_per_frame() if hf is not None
+                      else model.tokens_per_image(int(model.vision.config.image_size)), modes, cached, split)

@@ -11,9 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgres
 class Progress:
     """Shows step, loss, lr and throughput; prints a line per log step when not on a terminal."""
 
-    def __init__(self, total: int, start: int, enabled: bool = True):
+    def __init__(self, total: int, start: int, enabled: bool = True, silent: bool = False):
         self.console = Console(stderr=True)
-        self.live = enabled and self.console.is_terminal
+        self.silent = silent  # print nothing at all (ranks other than 0)
+        self.live = enabled and not silent and self.console.is_terminal
         self.total = total
         self._bar = None
         if self.live:
@@ -40,5 +41,5 @@ class Progress:
                     f"{metrics['throughput/samples_per_s']:.0f} samples/s")
         if self._bar is not None:
             self._bar.update(self._task, completed=step, **({"info": info} if info else {}))
-        elif info:
+        elif info and not self.silent:
             print(f"step {step}/{self.total}  {info}", file=sys.stderr, flush=True)

@@ -18,6 +18,14 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line; None for an empty or half-written line (a crash mid-write)."""
+    try:
+        return int(json.loads(line).get("step", 0)) if line.strip() else None
+    except (ValueError, AttributeError):
+        return None
+
+
 class JsonlSink:
     """Appends one JSON object per log step to ``metrics.jsonl`` (flushed, so a killed run keeps its lines)."""
 
@@ -25,8 +33,9 @@ class JsonlSink:
         self.path = Path(path)
         if truncate_after_step is not None and self.path.exists():
             # A resumed run rewrites the steps after its checkpoint: drop the killed run's later lines.
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            kept = [line for line in self.path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= truncate_after_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

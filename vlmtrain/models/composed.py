@@ -51,13 +51,24 @@ class ComposedVLM(nn.Module):
         if self.frame_age is not None:
             nn.init.zeros_(self.frame_age.weight)
 
+    # The encoder / projector split (``encode_images = project(encode_vision(.))``) lets the feature
+    # cache store vision-encoder features while the projector still trains.
+    supports_split = True
+
     # -- the three calls -------------------------------------------------------------------------
     def encode_images(self, pixels_NCHW: torch.Tensor) -> torch.Tensor:
         """uint8 or float pixels (N, 3, H, W) -> visual tokens (N, K, D_lm), one row block per frame."""
+        return self.project(self.encode_vision(pixels_NCHW))
+
+    def encode_vision(self, pixels_NCHW: torch.Tensor) -> torch.Tensor:
+        """Pixels (N, 3, H, W) -> vision-encoder features (N, P, D_vision), before the projector."""
         if pixels_NCHW.dtype == torch.uint8:
             pixels_NCHW = pixels_NCHW.float().div_(255.0)
         x = (pixels_NCHW - PIXEL_MEAN) / PIXEL_STD
-        feats_NPD = self.vision(pixel_values=x).last_hidden_state
+        return self.vision(pixel_values=x).last_hidden_state
+
+    def project(self, feats_NPD: torch.Tensor) -> torch.Tensor:
+        """Vision-encoder features (N, P, D_vision) -> visual tokens (N, K, D_lm)."""
         return self.projector(feats_NPD)
 
     def embed(
@@ -158,6 +169,20 @@ class ComposedVLM(nn.Module):
                     meta["max_frame_slots"], meta.get("history_tokens", 0))
         load_model(model, str(directory / WEIGHTS), strict=True)
         return model
+
+    # -- feature cache and FLOPs ------------------------------------------------------------------
+    def feature_producers(self, split: bool) -> list[nn.Module]:
+        """Modules whose weights produce the cached features: the encoder, plus the projector unless split."""
+        return [self.vision] if split else [self.vision, self.projector]
+
+    def feature_preprocess(self) -> dict:
+        """Everything between a decoded uint8 frame and the encoder input (part of the cache identity)."""
+        return {"model": "composed", "image_size": int(self.vision.config.image_size), "input": "uint8",
+                "pixel_mean": PIXEL_MEAN, "pixel_std": PIXEL_STD}
+
+    def vision_patches_per_frame(self) -> int:
+        """Patches the encoder runs per frame."""
+        return (int(self.vision.config.image_size) // int(self.vision.config.patch_size)) ** 2
 
     def tokens_per_image(self, image_size: int) -> int:
         """Visual tokens the current frame contributes at ``image_size``."""

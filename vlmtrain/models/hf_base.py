@@ -16,6 +16,7 @@ torchvision for Qwen-VL and SmolVLM, which vlmtrain never depends on.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional, Sequence
@@ -73,6 +74,9 @@ class HFVLMAdapter(nn.Module):
 
     family: ClassVar[str] = ""
     uses_mrope: ClassVar[bool] = False
+    # True when the adapter implements ``encode_vision`` + ``project`` (= ``encode_images``), so the
+    # feature cache can hold vision-encoder features while the projector trains.
+    supports_split: ClassVar[bool] = False
 
     def __init__(self, hf: nn.Module, tokenizer, image_processor, frame_size: tuple[int, int]):
         super().__init__()
@@ -135,10 +139,32 @@ class HFVLMAdapter(nn.Module):
         (3, B, L) MRoPE positions computed per sample for the Qwen family."""
         return None
 
+    def packed_position_ids(self, input_ids: torch.Tensor, doc_lengths: Sequence[Sequence[int]]
+                            ) -> Optional[torch.Tensor]:
+        """Positions of packed rows (several documents per row): None for 1D RoPE (the batch's
+        per-document 1D positions are used); the Qwen family computes MRoPE per document."""
+        return None
+
     def forward_lm(self, inputs_embeds: torch.Tensor, labels: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None,
                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over labelled positions (labels unshifted, -100 ignored)."""
+        """Mean next-token cross-entropy over labelled positions (labels unshifted, -100 ignored).
+        ``attention_mask``: (B, L) padding mask, or a (B, 1, L, L) additive mask for packed rows."""
+        raise NotImplementedError
+
+    # -- feature cache and FLOPs ----------------------------------------------------------------
+    def feature_producers(self, split: bool) -> list[nn.Module]:
+        """Modules whose weights produce the cached features (vision tower, plus projector unless split)."""
+        raise NotImplementedError
+
+    def feature_preprocess(self) -> dict:
+        """Everything between a decoded uint8 frame and the encoder input: family, frame size and the
+        image processor's settings (part of the feature cache's identity)."""
+        return {"family": self.family, "frame_size": list(self.frame_size),
+                "image_processor": json.loads(self.image_processor.to_json_string())}
+
+    def vision_patches_per_frame(self) -> int:
+        """Patches the vision tower runs per frame (the vision cost unit of packing and FLOPs)."""
         raise NotImplementedError
 
     def hf_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, Idefics3ForConditionalGeneration
 
 from vlmtrain.models.hf_base import IMAGE_PLACEHOLDER, Encoded, FrameBatch, HFVLMAdapter, Turn
@@ -42,6 +43,7 @@ class Idefics3Adapter(HFVLMAdapter):
     """``Idefics3ForConditionalGeneration`` split into encode_images / embed / forward_lm."""
 
     family = "idefics3"
+    supports_split = True
     _PARTS = {"vision_model": "vision", "connector": "projector", "text_model": "llm", "lm_head": "llm"}
 
     def __init__(self, hf: Idefics3ForConditionalGeneration, tokenizer, image_processor,
@@ -117,10 +119,16 @@ class Idefics3Adapter(HFVLMAdapter):
 
     # -- the three calls -------------------------------------------------------------------------
     def encode_images(self, frames: FrameBatch) -> torch.Tensor:
-        """Frames -> (N, K, D_lm): vision model (every patch valid: frames are never padded), then
-        the connector (pixel shuffle + projection)."""
+        """Frames -> (N, K, D_lm): ``project(encode_vision(frames))``."""
+        return self.project(self.encode_vision(frames))
+
+    def encode_vision(self, frames: FrameBatch) -> torch.Tensor:
+        """Frames -> (N, P, D_vision): the vision model (every patch valid: frames are never padded)."""
         pixels = frames.pixels.to(device=self.hf.device, dtype=self.hf.dtype)
-        hidden_NPD = self.hf.model.vision_model(pixel_values=pixels).last_hidden_state
+        return self.hf.model.vision_model(pixel_values=pixels).last_hidden_state
+
+    def project(self, hidden_NPD: torch.Tensor) -> torch.Tensor:
+        """Vision features (N, P, D_vision) -> (N, K, D_lm): the connector (pixel shuffle + projection)."""
         return self.hf.model.connector(hidden_NPD)
 
     def forward_lm(self, inputs_embeds: torch.Tensor, labels: torch.Tensor,
@@ -165,3 +173,12 @@ class Idefics3Adapter(HFVLMAdapter):
     def part_of(self, param_name: str) -> str:
         """vision_model -> vision, connector -> projector, text_model/lm_head -> llm."""
         return part_from_name(param_name, self._PARTS, self.family)
+
+    def feature_producers(self, split: bool) -> list[nn.Module]:
+        """The vision model, plus the connector unless split."""
+        model = self.hf.model
+        return [model.vision_model] if split else [model.vision_model, model.connector]
+
+    def vision_patches_per_frame(self) -> int:
+        """(frame side / patch)^2 patches per frame."""
+        return (self.frame_size[0] // int(self.hf.config.vision_config.patch_size)) ** 2

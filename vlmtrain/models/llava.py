@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from vlmtrain.models.hf_base import IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, HFVLMAdapter, Turn
+from vlmtrain.models.loss import labelled_cross_entropy
 
 
 # -- shared helpers ------------------------------------------------------------------------------
@@ -87,19 +87,10 @@ class TokenBuffer:
 
 
 def causal_lm_loss(hidden_BLD: torch.Tensor, lm_head: nn.Module, labels_BL: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, equal to HF's ``ForCausalLMLoss`` (mean over labelled targets).
-
-    Only positions whose next token is labelled go through ``lm_head``: in VLM batches most tokens
-    are image or prompt tokens, so this avoids materialising most of the (B, L, vocab) logits. With
-    no labelled token it returns a graph-connected zero (HF would return NaN).
-    """
-    targets = labels_BL[:, 1:].to(hidden_BLD.device)
-    keep = targets != IGNORE_INDEX
-    hidden_TD = hidden_BLD[:, :-1][keep]
-    if hidden_TD.shape[0] == 0:
-        return hidden_BLD.sum() * 0.0
-    logits_TV = lm_head(hidden_TD).float()  # HF upcasts logits before the loss as well
-    return F.cross_entropy(logits_TV, targets[keep])
+    """Mean next-token cross-entropy, equal to HF's ``ForCausalLMLoss`` (mean over labelled targets):
+    the memory-lean loss of ``models/loss.py`` (logits only at labelled positions, in checkpointed
+    chunks when there are many; a graph-connected zero when nothing is labelled)."""
+    return labelled_cross_entropy(hidden_BLD, lm_head, labels_BL)
 
 
 def part_from_name(param_name: str, parts: dict[str, str], family: str) -> str:
@@ -124,6 +115,7 @@ class LlavaAdapter(HFVLMAdapter):
     """
 
     family = "llava"
+    supports_split = True
     _PARTS = {"vision_tower": "vision", "multi_modal_projector": "projector",
               "language_model": "llm", "lm_head": "llm"}
 
@@ -200,8 +192,12 @@ class LlavaAdapter(HFVLMAdapter):
 
     # -- the three calls -------------------------------------------------------------------------
     def encode_images(self, frames: FrameBatch) -> torch.Tensor:
-        """Frames -> (N, K, D_lm): vision tower hidden states of ``vision_feature_layer`` (a list of
-        layers is concatenated on the feature axis), the strategy's crop, then the projector."""
+        """Frames -> (N, K, D_lm): ``project(encode_vision(frames))``."""
+        return self.project(self.encode_vision(frames))
+
+    def encode_vision(self, frames: FrameBatch) -> torch.Tensor:
+        """Frames -> (N, K, D_vision): vision tower hidden states of ``vision_feature_layer`` (a list of
+        layers is concatenated on the feature axis) after the strategy's crop, before the projector."""
         cfg = self.hf.config
         tower = self.hf.model.vision_tower
         pixels = frames.pixels.to(device=self.hf.device, dtype=self.hf.dtype)
@@ -210,7 +206,11 @@ class LlavaAdapter(HFVLMAdapter):
         selected = [hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)]
         if cfg.vision_feature_select_strategy == "default":
             selected = [h[:, 1:] for h in selected]
-        return self.hf.model.multi_modal_projector(torch.cat(selected, dim=-1))
+        return torch.cat(selected, dim=-1)
+
+    def project(self, feats_NKD: torch.Tensor) -> torch.Tensor:
+        """Vision features (N, K, D_vision) -> visual tokens (N, K, D_lm) through the projector."""
+        return self.hf.model.multi_modal_projector(feats_NKD)
 
     def forward_lm(self, inputs_embeds: torch.Tensor, labels: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None,
@@ -237,3 +237,13 @@ class LlavaAdapter(HFVLMAdapter):
     def part_of(self, param_name: str) -> str:
         """vision_tower -> vision, multi_modal_projector -> projector, language_model/lm_head -> llm."""
         return part_from_name(param_name, self._PARTS, self.family)
+
+    def feature_producers(self, split: bool) -> list[nn.Module]:
+        """The vision tower, plus the projector unless split."""
+        model = self.hf.model
+        return [model.vision_tower] if split else [model.vision_tower, model.multi_modal_projector]
+
+    def vision_patches_per_frame(self) -> int:
+        """(side / patch)^2 patches per frame (a CLIP class token is not counted)."""
+        vcfg = self.hf.config.vision_config
+        return (int(vcfg.image_size) // int(vcfg.patch_size)) ** 2

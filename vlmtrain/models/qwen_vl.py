@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import ClassVar, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -46,6 +46,7 @@ from vlmtrain.models.qwen_vl_inputs import (
     special_token_id,
     to_rgb_pil,
 )
+from vlmtrain.models.loss import labelled_cross_entropy
 
 ROLES = ("system", "user", "assistant")
 
@@ -212,6 +213,24 @@ class QwenVLAdapter(HFVLMAdapter):
             )
         return pos_3BL
 
+    def packed_position_ids(self, input_ids: torch.Tensor, doc_lengths: Sequence[Sequence[int]]) -> torch.Tensor:
+        """MRoPE positions (3, B, L) of packed rows: each document's positions computed on its own (as
+        if unpacked) and laid end to end; padding gets 0. All documents go through one
+        ``position_ids`` call as the rows of a padded batch."""
+        docs = [(r, start, n) for r, lengths in enumerate(doc_lengths)
+                for start, n in zip(torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist(), lengths)]
+        width = max(n for _, _, n in docs)
+        ids_DN = input_ids.new_full((len(docs), width), int(self.tokenizer.pad_token_id or 0))
+        mask_DN = torch.zeros_like(ids_DN)
+        for d, (r, start, n) in enumerate(docs):
+            ids_DN[d, :n] = input_ids[r, start:start + n]
+            mask_DN[d, :n] = 1
+        pos_3DN = self.position_ids(ids_DN, mask_DN)
+        out = torch.zeros(3, *input_ids.shape, dtype=pos_3DN.dtype, device=pos_3DN.device)
+        for d, (r, start, n) in enumerate(docs):
+            out[:, r, start:start + n] = pos_3DN[:, d, :n]
+        return out
+
     def forward_lm(self, inputs_embeds: torch.Tensor, labels: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None,
                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -219,15 +238,11 @@ class QwenVLAdapter(HFVLMAdapter):
         through the HF text model and lm_head. Pass ``position_ids`` from ``position_ids()`` whenever
         the batch holds images (None means plain 1D positions, right only for text-only rows).
 
-        Logits are computed only at labelled positions (same loss, far less memory with a 150k
-        vocabulary). A batch without any label gives 0 (connected to the graph) where HF gives NaN."""
+        Logits are computed only at labelled positions, in checkpointed chunks when there are many
+        (``models/loss.py``: same loss, far less memory with a 150k vocabulary). A batch without any
+        label gives 0 (connected to the graph) where HF gives NaN."""
         hidden_BLD = self._run_lm(inputs_embeds, attention_mask, position_ids)
-        shift_labels = labels[:, 1:].to(hidden_BLD.device)
-        keep = shift_labels != IGNORE_INDEX
-        logits = self.hf.lm_head(hidden_BLD[:, :-1][keep]).float()  # HF upcasts logits for the loss too
-        if not bool(keep.any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits, shift_labels[keep])
+        return labelled_cross_entropy(hidden_BLD, self.hf.lm_head, labels)
 
     def _run_lm(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 position_ids: Optional[torch.Tensor]) -> torch.Tensor:
@@ -267,6 +282,18 @@ class QwenVLAdapter(HFVLMAdapter):
         if "language_model" in parts or "lm_head" in parts:
             return "llm"
         raise ValueError(f"{self.family}: cannot tell which part parameter {param_name!r} belongs to")
+
+    def feature_producers(self, split: bool) -> list[nn.Module]:
+        """The whole vision tower (its mergers included): Qwen-VL is not split, so a cache needs the
+        merger (projector) frozen too."""
+        if split:
+            raise ValueError(f"{self.family}: the vision tower and its merger are not split; freeze both to cache")
+        return [self.hf.model.visual]
+
+    def vision_patches_per_frame(self) -> int:
+        """(H / patch)(W / patch) patches per frame."""
+        h, w = self.frame_size
+        return (h // self.patch_size) * (w // self.patch_size)
 
 
 class Qwen2VLAdapter(QwenVLAdapter):

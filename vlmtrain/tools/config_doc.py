@@ -22,8 +22,9 @@ Booleans accept `true`/`false`; `null` sets an optional value back to unset. Thi
 `python -m vlmtrain.tools.config_doc > docs/config.md` (a test checks it is current).
 """
 
-SECTIONS = [("", C.RunConfig), ("data.", C.DataConfig), ("data.sources[].", C.SourceConfig), ("model.", C.ModelConfig),
-            ("optim.", C.OptimConfig), ("train.", C.TrainConfig), ("eval.", C.EvalConfig)]
+SECTIONS = [("", C.RunConfig), ("data.", C.DataConfig), ("data.sources[].", C.SourceConfig), ("model.", C.ModelConfig), ("features.", C.FeaturesConfig),
+            ("optim.", C.OptimConfig), ("train.", C.TrainConfig),
+            ("parallel.", C.ParallelConfig), ("memory.", C.MemoryConfig), ("eval.", C.EvalConfig)]
 
 
 def _default_text(f: dataclasses.Field, source_text: str) -> str:

@@ -92,22 +92,42 @@ def load_model_state(model: nn.Module, directory: Path) -> None:
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model, optimizer, scheduler, trainer_state: dict[str, Any], keep: int = 2
+    ckpt_root: Path, step: int, model, optimizer, scheduler, trainer_state: dict[str, Any], keep: int = 2,
+    extra: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``; ``extra`` names more
+    objects to ``torch.save`` into it (e.g. every rank's RNG state)."""
+    tmp = begin_checkpoint(ckpt_root, step)
+    save_model_state(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / OPTIM)
+    return finish_checkpoint(tmp, step, scheduler, trainer_state, keep, extra)
+
+
+def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
+    """The empty temporary directory checkpoint ``step`` is written into (a stale one is removed)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model_state(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIM)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_checkpoint(tmp: Path, step: int, scheduler, trainer_state: dict[str, Any], keep: int,
+                      extra: Optional[dict[str, Any]] = None) -> Path:
+    """Add the RNG, ``extra`` objects and trainer state (step, schedule) to ``tmp`` (model and optimizer
+    are already there), fsync, rename it to ``step-N`` and prune all but the newest ``keep``."""
+    ckpt_root = tmp.parent
+    final = ckpt_root / f"step-{step:07d}"
     torch.save(rng_state(), tmp / RNG)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
     state = dict(trainer_state, step=step, scheduler=scheduler.state_dict())
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        if f.is_file():  # subdirectories (a DCP checkpoint) are synced by their writer
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

@@ -1,43 +1,103 @@
-"""Builds the next step's micro-batches on a background thread while the current step computes."""
+"""Builds the next steps' micro-batches in the background while the current step computes.
+
+Two stages, both off the training thread:
+
+1. **build** (``data.loader.StepBuilder``): the plan's samples for step k, collated, frames gathered
+   (``data.workers=0``: from the frames decoded at start, on a thread) or decoded from disk in
+   ``data.workers`` loader processes (a ``torch.utils.data.DataLoader`` over step indices, so the
+   order is the plan's and a resumed run starts at its step without replaying anything);
+2. **prepare** (``train.step.prepare_batch``, a thread in this process): feature-cache lookups, HF
+   image preprocessing and Qwen MRoPE positions; then pinned memory when CUDA is present.
+
+``next()`` returns steps strictly in order; the time it blocks is the loop's data wait.
+"""
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator, Optional
 
-from vlmtrain.data.loader import Batch, EpochPlan, collate
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlmtrain.data.loader import Batch
+
+# Steps built ahead of the one being trained.
+PREFETCH_STEPS = 2
+
+
+class _Steps(Dataset):
+    """Step indices ``start .. end-1`` as a map-style dataset: item i is step ``start + i``'s micro-batches."""
+
+    def __init__(self, build: Callable[[int], list[Batch]], start: int, end: int):
+        self.build, self.start, self.end = build, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int) -> list[Batch]:
+        return self.build(self.start + i)
+
+
+def _as_is(item):
+    return item
+
+
+def _pin(micro: list[Batch]) -> list[Batch]:
+    return [b.pin_memory() for b in micro]
 
 
 class BatchPrefetcher:
-    """Yields the micro-batches of steps ``start+1 .. end`` in order, one step ahead."""
+    """Yields the micro-batches of plan steps ``start .. end-1`` in order, ``PREFETCH_STEPS`` ahead.
 
-    def __init__(self, data, plan: EpochPlan, grad_accum: int, start: int, end: int):
-        self.data, self.plan, self.accum = data, plan, grad_accum
-        self.k, self.end = start, end
+    ``build(k)``: step k's micro-batches (picklable for ``workers > 0``); ``prepare(batch)``: the
+    in-process stage (may be None).
+    """
+
+    def __init__(self, build: Callable[[int], list[Batch]], start: int, end: int, workers: int = 0,
+                 prepare: Optional[Callable[[Batch], None]] = None):
+        self.prepare = prepare
+        self.pin = torch.cuda.is_available()
+        self._loader: Optional[DataLoader] = None
+        if workers > 0:
+            # Loader processes pin nothing (pinning is per-process); the prepare thread pins.
+            self._loader = DataLoader(_Steps(build, start, end), batch_size=None, shuffle=False,
+                                      num_workers=workers, prefetch_factor=PREFETCH_STEPS, collate_fn=_as_is,
+                                      multiprocessing_context="fork")
+            source: Iterator[list[Batch]] = iter(self._loader)
+        else:
+            source = (build(k) for k in range(start, end))
+        self._source = source
+        self._remaining = end - start
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmtrain-batches")
-        self._next: Future | None = self._submit()
+        self._queue: list[Future] = []
+        for _ in range(PREFETCH_STEPS):
+            self._submit()
 
-    def _build(self, k: int) -> list[Batch]:
-        idx = self.plan.batch_indices(k)
-        size = len(idx) // self.accum
-        pad, img = self.data.tokenizer.pad_token_id, self.data.sample_tokenizer.image_id
-        return [collate([self.data.samples[i] for i in idx[j * size : (j + 1) * size]], self.data.frames, pad, img)
-                for j in range(self.accum)]
+    def _produce(self) -> list[Batch]:
+        micro = next(self._source)
+        if self.prepare is not None:
+            for b in micro:
+                self.prepare(b)
+        return _pin(micro) if self.pin else micro
 
-    def _submit(self) -> Future | None:
-        if self.k >= self.end:
-            return None
-        fut = self._pool.submit(self._build, self.k)
-        self.k += 1
-        return fut
+    def _submit(self) -> None:
+        if self._remaining > 0:
+            self._queue.append(self._pool.submit(self._produce))
+            self._remaining -= 1
 
     def next(self) -> list[Batch]:
         """The next step's micro-batches (blocks only if they are not built yet)."""
-        if self._next is None:
+        if not self._queue:
             raise StopIteration("no more steps planned")
-        batches = self._next.result()
-        self._next = self._submit()
+        batches = self._queue.pop(0).result()
+        self._submit()
         return batches
 
     def close(self) -> None:
-        """Stop the worker thread."""
+        """Stop the worker thread and the loader processes."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        # The DataLoader iterator owns the loader processes: drop it so they exit now, not whenever
+        # this prefetcher is garbage-collected.
+        self._source = iter(())
+        self._loader = None

@@ -1,14 +1,28 @@
-"""One optimizer step over gradient-accumulation micro-batches."""
+"""One optimizer step over gradient-accumulation micro-batches, timed by phase.
+
+A micro-batch goes: image features (``features/source.py``: the unique frames once, or the cache) ->
+``embed`` -> ``forward_lm`` (padded rows, or packed rows under a block-diagonal document mask with
+positions reset per document) -> backward. The loss is normalised by the step's label tokens over
+every rank and micro-batch, so the gradient equals that of one big batch however it is split.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import time
+from collections import defaultdict
+from typing import Optional, Sequence
 
 import torch
 
 from vlmtrain.data.loader import Batch
+from vlmtrain.dist.init import all_reduce_sum
+from vlmtrain.dist.parallelize import accumulation_context, dummy_frame_features, touch_unused_vision
+from vlmtrain.features.source import FeatureSource
 from vlmtrain.models.hf_base import HFVLMAdapter
+from vlmtrain.models.packed_attention import document_layout, packed_documents, uses_varlen
+
+PHASES = ("data", "vision", "lm_forward", "backward", "optimizer")
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -18,47 +32,163 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+class PhaseTimer:
+    """Wall time per phase (``perf_counter``). With ``sync`` (benchmarks on CUDA) each phase boundary
+    waits for the device, so GPU work is charged to the phase that queued it."""
+
+    def __init__(self, sync: bool = False):
+        self.sync = sync and torch.cuda.is_available()
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.totals[name] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        """Seconds per phase since the last pop."""
+        out, self.totals = dict(self.totals), defaultdict(float)
+        return out
+
+
+def packed_attention_mask(doc_lengths: Sequence[Sequence[int]], width: int, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+    """Additive (B, 1, L, L) mask of packed rows: causal within each document, nothing across; the
+    row's padding is one more document, so no softmax row is empty (``packing.document_attention_mask``)."""
+    doc_BL = torch.empty(len(doc_lengths), width, dtype=torch.long)
+    for r, lengths in enumerate(doc_lengths):
+        pad = width - sum(lengths)
+        doc_BL[r] = torch.repeat_interleave(torch.arange(len(lengths) + 1), torch.tensor([*lengths, pad]))
+    doc_BL = doc_BL.to(device)
+    allowed = (doc_BL[:, :, None] == doc_BL[:, None, :]) & torch.ones(width, width, dtype=torch.bool,
+                                                                     device=device).tril()
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
+
+
+def prepare_batch(model, batch: Batch, source: FeatureSource) -> None:
+    """Loader-thread work that needs the model but no gradients: cache lookup and image preprocessing
+    (``FeatureSource.prepare``) and Qwen's MRoPE positions, stored in ``batch.extra``."""
+    source.prepare(model, batch)
+    if getattr(model, "uses_mrope", False):
+        if batch.packed:
+            batch.extra["position_ids"] = model.packed_position_ids(batch.input_ids, batch.doc_lengths)
+        else:
+            batch.extra["position_ids"] = model.position_ids(batch.input_ids, batch.attention_mask)
+
+
+def lm_inputs(model, batch: Batch, device: torch.device, dtype: torch.dtype):
+    """(attention_mask, position_ids) for ``forward_lm``: the padding mask and the LM's own positions
+    for padded rows; for packed rows per-document positions and the (B, 1, L, L) document mask, or
+    no mask when the model attends per document (``packed_attention.enable_varlen_attention``)."""
+    positions = batch.extra.get("position_ids")
+    if positions is None and getattr(model, "uses_mrope", False):
+        prepare = model.packed_position_ids if batch.packed else None
+        positions = (prepare(batch.input_ids, batch.doc_lengths) if prepare
+                     else model.position_ids(batch.input_ids, batch.attention_mask))
+    if positions is None and batch.packed:
+        positions = batch.position_ids
+    if batch.packed and uses_varlen(model):
+        mask = None  # lm_loss runs attention per document instead of masking (models/packed_attention.py)
+    elif batch.packed:
+        mask = packed_attention_mask(batch.doc_lengths, batch.input_ids.shape[1], dtype, device)
+    else:
+        mask = batch.attention_mask.to(device)
+    return mask, (positions.to(device) if positions is not None else None)
+
+
+def micro_loss(model, batch: Batch, device: torch.device, source: FeatureSource,
+               timer: Optional[PhaseTimer] = None, touch_vision: bool = False) -> tuple[torch.Tensor, int]:
+    """Mean loss of one micro-batch, and the frames its encoder ran on.
+
+    ``touch_vision`` (data-parallel runs): a micro-batch without frames encodes one black frame instead
+    and adds its features times zero to the embeddings, so this rank runs the vision tower's
+    collectives where and when the other ranks do (``dist.parallelize.touch_unused_vision``)."""
+    timer = timer or PhaseTimer()
+    dummy = None
+    with timer("vision"):
+        if touch_vision and batch.pixels.shape[0] == 0:
+            dummy = dummy_frame_features(model, device)
+            features, encoded = dummy[:0], 0  # no slot to fill: the (0, K, D) features of no frame
+        else:
+            features, encoded = source.features(model, batch, device)
+    with timer("lm_forward"):
+        loss = lm_loss(model, batch, features, device, touch=dummy)
+    return loss, encoded
+
+
+def lm_loss(model, batch: Batch, features: torch.Tensor, device: torch.device,
+            touch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The language-model half of a micro-batch: ``features`` (F, K, D) of its unique frames fill the
+    image slots (``embed``), then ``forward_lm`` on padded or packed rows. ``vlmtrain bench`` times
+    this alone, on features held in memory, as the LM-only floor. ``touch``: a black frame's features,
+    added times zero to the embeddings of a micro-batch without frames (see ``micro_loss``)."""
+    ids = batch.input_ids.to(device, non_blocking=True)
+    slots = batch.slot_frames.to(device, non_blocking=True)
+    if isinstance(model, HFVLMAdapter):
+        embeds = model.embed(ids, features, slots)
+    else:
+        embeds = model.embed(ids, features, slots, batch.slot_age.to(device, non_blocking=True))
+    if touch is not None:
+        embeds = touch_unused_vision(model, embeds, touch)
+    mask, positions = lm_inputs(model, batch, device, embeds.dtype)
+    labels = batch.labels.to(device, non_blocking=True)
+    if batch.packed and mask is None:  # per-document attention (models/packed_attention.py)
+        with packed_documents(document_layout(batch.doc_lengths, ids.shape[1], device)):
+            return model.forward_lm(embeds, labels, attention_mask=None, position_ids=positions)
+    return model.forward_lm(embeds, labels, attention_mask=mask, position_ids=positions)
+
+
 def batch_loss(model, batch: Batch, device: torch.device) -> torch.Tensor:
     """Mean loss of one micro-batch: encode its unique frames once, fill the slots, run the LM."""
-    if isinstance(model, HFVLMAdapter):
-        return adapter_batch_loss(model, batch, device)
-    features = model.encode_images(batch.pixels.to(device, non_blocking=True))
-    embeds = model.embed(batch.input_ids.to(device), features, batch.slot_frames.to(device), batch.slot_age.to(device))
-    return model.forward_lm(embeds, batch.labels.to(device), attention_mask=batch.attention_mask.to(device))
-
-
-def adapter_batch_loss(model: HFVLMAdapter, batch: Batch, device: torch.device) -> torch.Tensor:
-    """``batch_loss`` of an HF adapter: the batch's unique uint8 frames go through the family's own
-    preprocessing, are encoded once, fill their slots; Qwen-VL adds its MRoPE position ids."""
-    frames = model.prepare_frames(batch.pixels).to(device, non_blocking=True)
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    slots = batch.slot_frames.to(device)
-    embeds = model.embed(ids, model.encode_images(frames), slots)
-    positions = model.position_ids(ids, mask, frames, slots)
-    return model.forward_lm(embeds, batch.labels.to(device), attention_mask=mask, position_ids=positions)
+    return micro_loss(model, batch, device, FeatureSource())[0]
 
 
 def train_step(
     model, micro_batches: Sequence[Batch], optimizer, scheduler, grad_clip: float, precision: str,
-    device: torch.device,
+    device: torch.device, source: Optional[FeatureSource] = None, timer: Optional[PhaseTimer] = None,
+    world_size: int = 1, parallel: Optional[torch.nn.Module] = None,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch, clip, step; the loss is normalised by the step's label tokens.
 
-    Each micro-batch's mean loss is weighted by its share of the step's label tokens, so the gradient
+    Each micro-batch's mean loss is weighted by its share of the step's label tokens counted over every
+    rank and micro-batch (``Batch.step_label_tokens``, known from the plan without communication),
+    times ``world_size`` because data parallelism averages gradients over ranks. The gradient thus
     equals that of one big batch however the samples are split.
+
+    ``parallel``: what ``dist.parallelize`` wrapped around ``model`` (DDP / FSDP2). Each micro-batch's
+    loss then runs as its forward (the wrapper's hooks sync and gather), DDP all-reduces gradients
+    only in the last micro-batch's backward (``no_sync`` before), a rank without frames still runs
+    the vision tower's collectives, and the returned loss is the step's loss over all ranks.
     """
-    total_labels = sum(b.num_label_tokens for b in micro_batches)
-    loss_sum = 0.0
-    for b in micro_batches:
-        with autocast_context(precision, device):
-            loss = batch_loss(model, b, device)
-        weight = b.num_label_tokens / total_labels
-        (loss * weight).backward()
+    forward = parallel if parallel is not None else (lambda fn, *args, **kw: fn(model, *args, **kw))
+    touch = parallel is not None and world_size > 1
+    source = source or FeatureSource()
+    timer = timer or PhaseTimer()
+    total_labels = micro_batches[0].step_label_tokens or sum(b.num_label_tokens for b in micro_batches)
+    loss_sum, encoded = 0.0, 0
+    for i, b in enumerate(micro_batches):
+        with accumulation_context(parallel if parallel is not None else model, i == len(micro_batches) - 1):
+            with autocast_context(precision, device):
+                loss, n = forward(micro_loss, b, device, source, timer, touch_vision=touch)
+            encoded += n
+            weight = b.num_label_tokens * world_size / max(total_labels, 1)
+            with timer("backward"):
+                (loss * weight).backward()
         loss_sum += float(loss.detach()) * weight
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "grad_norm": grad_norm}
+    with timer("optimizer"):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        max_norm = grad_clip if grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss = loss_sum / world_size  # this rank's share of the step's loss
+    return {"loss": all_reduce_sum(loss) if parallel is not None else loss, "grad_norm": grad_norm,
+            "frames_encoded": encoded}

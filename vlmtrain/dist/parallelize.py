@@ -1,0 +1,303 @@
+"""Data parallelism applied from outside the model: DDP, FSDP2 (``fully_shard``) or DeepSpeed ZeRO.
+
+Model files never import ``torch.distributed``; everything here works on any vlmtrain model (the
+composed VLM and every HF adapter) without changing it.
+
+**Why a root wrapper.** vlmtrain models are driven through three methods (``encode_images``,
+``embed``, ``forward_lm``), never through ``forward``. DDP only prepares its gradient reducer inside
+``DDP.forward``, and FSDP2 only all-gathers the root's parameters (embeddings, projector, LM head)
+in the root's forward hook; calling the methods directly would skip both (no gradient sync, or
+sharded parameters inside the math). So :func:`parallelize` wraps the model in :class:`StepRoot`,
+whose ``forward(fn, *args)`` runs ``fn(model, *args)``, and applies the backend to that root. A
+training step computes each micro-batch loss as ``loss = parallel(batch_loss, batch, device)``,
+where ``batch_loss(model, batch, device)`` is the same function a single process uses.
+:func:`unwrap` gives the model back (saving, evaluation, building the optimizer: build it *after*
+``parallelize`` from ``unwrap(parallel).named_parameters()``, because FSDP2 replaces parameters with
+sharded ones and part names must not carry the wrapper's prefix).
+
+**Ranks without images.** Under DDP and FSDP2 every rank must run the same collectives in the same
+order; a rank whose micro-batch holds no frame would skip the vision tower. See
+:func:`touch_unused_vision`.
+
+**DeepSpeed** (optional extra, imported lazily; ``deepspeed_engine.py``) returns a
+:class:`~vlmtrain.dist.deepspeed_engine.DeepSpeedEngine` around the same root: the step calls
+``engine.backward(loss)`` per micro-batch (the same weighted loss as under DDP) and ``engine.step()``
+once per optimizer step (clipping, optimizer, scheduler). ZeRO-3 gathers each module's parameters in
+that module's forward, so all ranks must run the same modules in the same order: see
+:func:`touch_unused_vision`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from typing import Any, Callable, ContextManager, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from vlmtrain.dist.deepspeed_engine import DeepSpeedEngine, build_engine, deepspeed_config  # noqa: F401
+from vlmtrain.dist.init import DistInfo
+from vlmtrain.models.hf_base import HFVLMAdapter
+from vlmtrain.train.optim import part_of
+
+BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
+PRECISIONS = ("fp32", "bf16")
+# Parts whose parameters run only when a micro-batch has frames (see touch_unused_vision).
+IMAGE_PARTS = ("vision", "projector")
+# ModuleList names that hold repeated transformer blocks in HF models (fallback for non-HF blocks).
+BLOCK_LIST_NAMES = ("layers", "layer", "blocks", "h")
+
+log = logging.getLogger(__name__)
+
+
+class StepRoot(nn.Module):
+    """The module DDP / FSDP2 / DeepSpeed wrap: ``forward(fn, *args, **kwargs)`` returns
+    ``fn(self.model, *args, **kwargs)``, so one micro-batch's whole loss computation (however many
+    model methods it calls) is one forward of the wrapper."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        return fn(self.model, *args, **kwargs)
+
+
+def unwrap(model: nn.Module | DeepSpeedEngine) -> nn.Module:
+    """The vlmtrain model inside whatever :func:`parallelize` returned (DDP ``.module``, a
+    :class:`DeepSpeedEngine`'s DeepSpeed engine and its ``.module``, then :class:`StepRoot`). Under
+    FSDP2 its parameters stay sharded: gather a full state dict with
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict``; under ZeRO-3 use
+    :meth:`DeepSpeedEngine.full_state_dict`."""
+    if isinstance(model, DeepSpeedEngine):
+        model = model.engine
+    while True:
+        if isinstance(model, StepRoot):
+            return model.model
+        inner = getattr(model, "module", None)  # DDP and DeepSpeedEngine keep the wrapped module here
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# -- finding the blocks --------------------------------------------------------------------------
+def _is_block_list(name: str, modules: nn.ModuleList) -> bool:
+    """A ModuleList of repeated transformer blocks: every entry is an HF ``GradientCheckpointingLayer``
+    (how transformers marks encoder and decoder layers), or, for models that do not use it, the list
+    has a conventional block-list name and entries of one class that own parameters."""
+    if len(modules) == 0:
+        return False
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if all(isinstance(m, GradientCheckpointingLayer) for m in modules):
+        return True
+    same_class = len({type(m) for m in modules}) == 1
+    has_params = any(True for _ in modules[0].parameters())
+    return name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES and same_class and has_params
+
+
+def transformer_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The repeated transformer blocks of ``model``, per part (``vision``, ``llm``; ``projector`` if a
+    projector had blocks), in forward order. Found by walking the module tree, so the composed
+    model (``vision.encoder.layers``, ``lm.model.layers``) and every HF family (Qwen-VL
+    ``model.visual.blocks`` / ``model.language_model.layers``, Idefics3, LLaVA) need no table. Lists
+    nested inside a found block (e.g. experts) are not blocks of their own."""
+    model = unwrap(model)
+    found: dict[str, list[nn.Module]] = {}
+    taken: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(t + ".") for t in taken):
+            continue
+        if not _is_block_list(name, module):
+            continue
+        taken.append(name)
+        first_param = next(n for n, _ in module[0].named_parameters())
+        part = part_of(model, f"{name}.0.{first_param}")
+        found.setdefault(part, []).extend(module)
+    return found
+
+
+# -- ranks without images ------------------------------------------------------------------------
+def dummy_frame_features(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """Visual tokens of one black frame, through the model's own preprocessing and encoder.
+
+    Under **DeepSpeed** use them as the ``features`` of a micro-batch without frames (its image slot
+    list is empty, so none reach the LM): ``embed(ids, dummy_frame_features(model, dev), slots)``.
+    The autograd graph then has the shape of a micro-batch with frames, so every rank runs the same
+    modules in the same order (ZeRO-3 all-gathers each module's parameters in its forward) and
+    produces gradients in the same order (ZeRO-2/3 reduce gradients in buckets filled in the order
+    they become ready; a different order on one rank is a collective mismatch). :func:`touch_unused_vision`,
+    which runs the dummy frame after ``embed``, is enough for DDP and FSDP2 but not for DeepSpeed.
+    """
+    model = unwrap(model)
+    if isinstance(model, HFVLMAdapter):
+        h, w = model.frame_size
+        frames = model.prepare_frames(torch.zeros(1, 3, h, w, dtype=torch.uint8)).to(device)
+        return model.encode_images(frames)
+    vision = getattr(model, "vision", None)
+    size = getattr(getattr(vision, "config", None), "image_size", None)
+    if size is None:
+        raise TypeError(f"dummy_frame_features: do not know the frame size of {type(model).__name__}")
+    return model.encode_images(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
+
+
+def touch_unused_vision(model: nn.Module, inputs_embeds: torch.Tensor,
+                        features: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``inputs_embeds`` plus zero times the vision tower's output on a black frame and every other
+    trainable vision/projector parameter: call it on a micro-batch that has **no frames** on this
+    rank, between ``embed`` and ``forward_lm``, inside the :class:`StepRoot` call.
+
+    Why: the loss does not change (the term is exactly 0), but every rank's graph now touches the
+    same parameters. DDP then finds a gradient (zeros) for each vision/projector parameter instead of
+    waiting forever for buckets this rank never fills; FSDP2 runs the vision blocks' all-gathers in
+    forward and their reduce-scatters in backward like the ranks that do have frames. Frozen vision
+    needs it too: FSDP2 still all-gathers frozen blocks, and the projector or frame-age embedding may
+    train.
+
+    Why the input embeddings and not the loss: FSDP2 collectives pair up by order, so the dummy
+    encode must happen where the real one happens, before the language model; added to the loss it
+    would run after the LM blocks, and a rank's vision all-gather would meet another rank's LM
+    all-gather. Through the embeddings, backward also reaches the vision blocks after the LM blocks,
+    as on the other ranks.
+
+    Costs one single-frame vision forward and backward. A micro-batch of an HF adapter whose
+    frames come from the feature cache on some ranks only is not covered: with FSDP2, all ranks must
+    agree on whether the vision tower runs (shard only the LM, ``shard_parts=("llm",)``, then).
+
+    ``features``: the black frame's :func:`dummy_frame_features` when the caller already encoded it
+    where the real encode happens (``train_step`` does, in its vision phase, instead of encoding the
+    empty frame list); else they are encoded here.
+    """
+    inner = unwrap(model)
+    if features is None:
+        features = dummy_frame_features(inner, inputs_embeds.device)
+    touch = features.float().sum()
+    in_blocks = {id(p) for blocks in transformer_blocks(inner).values() for b in blocks for p in b.parameters()}
+    for name, param in inner.named_parameters():
+        # Block parameters are reached by the dummy forward above (and under FSDP2 are sharded
+        # again by now); the rest of the image path (e.g. the composed model's frame-age embedding,
+        # used only by image slots) is touched directly.
+        if param.requires_grad and id(param) not in in_blocks and part_of(inner, name) in IMAGE_PARTS:
+            touch = touch + param.float().sum()
+    return inputs_embeds + (touch * 0.0).to(inputs_embeds.dtype)
+
+
+# -- gradient accumulation ----------------------------------------------------------------------
+def accumulation_context(model: nn.Module, is_last_micro: bool) -> ContextManager:
+    """``model.no_sync()`` for DDP on every micro-batch but the last of a step (gradients accumulate
+    locally and are all-reduced once, in the last backward); a no-op context otherwise. FSDP2 keeps
+    reduce-scattering every micro-batch: skipping it would hold unsharded gradients (the memory FSDP
+    exists to save)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not is_last_micro:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# -- backends ------------------------------------------------------------------------------------
+def _ddp(root: StepRoot, info: DistInfo, find_unused: bool, bucket_cap_mb: Optional[float]) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    root.to(info.device)
+    kwargs: dict[str, Any] = {}
+    if bucket_cap_mb is not None:
+        kwargs["bucket_cap_mb"] = bucket_cap_mb
+    # Transformer buffers (rotary inv_freq, position ids) are constants: re-broadcasting them every
+    # forward would only cost time (BatchNorm statistics would need it; none here). They are still
+    # synced once at construction. torch 2.13 renamed the switch; older releases know the old name.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False
+    else:
+        kwargs["broadcast_buffers"] = False
+    return DistributedDataParallel(
+        root,
+        device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+        # Gradients live in the all-reduce buckets: one copy of the gradients instead of two.
+        gradient_as_bucket_view=True,
+        **kwargs,
+    )
+
+
+def _fsdp2(root: StepRoot, info: DistInfo, mixed_precision: str, reshard_after_forward: bool,
+           shard_parts: Sequence[str], reduce_dtype: str = "fp32") -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    # bf16 compute, fp32 gradient reduction by default: summing many ranks' gradients in bf16 loses bits.
+    reduce = torch.bfloat16 if reduce_dtype == "bf16" else torch.float32
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
+          if mixed_precision == "bf16" else MixedPrecisionPolicy())
+    # No root.to(device) first: fully_shard moves each module's states as it shards them, so the
+    # whole unsharded model never has to fit on one GPU.
+    sharded = 0
+    for part, blocks in transformer_blocks(root.model).items():
+        if part not in shard_parts:
+            continue
+        for block in blocks:
+            # One all-gather per block just before it runs, freed after it (reshard_after_forward)
+            # and gathered again in backward: peak memory is one block's full weights.
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+            sharded += 1
+    if sharded == 0:
+        log.warning("fsdp2: no transformer blocks found in %s; the whole model is one shard group",
+                    type(root.model).__name__)
+    # The root groups everything else (embeddings, projector, norms, LM head).
+    fully_shard(root, mesh=mesh, mp_policy=mp)
+    return root
+
+
+def parallelize(
+    model: nn.Module,
+    backend: str,
+    info: DistInfo,
+    *,
+    mixed_precision: str = "fp32",
+    find_unused: bool = False,
+    bucket_cap_mb: Optional[float] = None,
+    reshard_after_forward: bool = True,
+    shard_parts: Sequence[str] = ("vision", "llm"),
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    deepspeed: Optional[Mapping[str, Any]] = None,
+    scheduler: Optional[Any] = None,
+    extensions_dir: Optional[str] = None,
+    reduce_dtype: str = "fp32",
+) -> nn.Module | DeepSpeedEngine:
+    """``model`` (moved to ``info.device``) inside a :class:`StepRoot`, wrapped by ``backend``.
+
+    - ``none``: the root only (one process, same call shape as the others);
+    - ``ddp``: ``DistributedDataParallel`` (``find_unused``, ``bucket_cap_mb``); use
+      :func:`accumulation_context` for micro-batches;
+    - ``fsdp2``: ``fully_shard`` per transformer block of the parts in ``shard_parts`` (see
+      :func:`transformer_blocks`), then the root; ``mixed_precision="bf16"`` keeps fp32 sharded
+      parameters and computes in bf16 with ``reduce_dtype`` (fp32 | bf16) gradient reduction;
+    - ``deepspeed``: a :class:`DeepSpeedEngine` for ``deepspeed`` (a config from :func:`deepspeed_config`),
+      ``optimizer`` and ``scheduler``; ``extensions_dir`` holds DeepSpeed's JIT-compiled ops.
+
+    ``mixed_precision`` only changes parameter storage under FSDP2 and DeepSpeed; under DDP and
+    ``none`` bf16 compute is the step's autocast. A backend other than ``none`` without a process
+    group (no torchrun) falls back to ``none`` with a log line, so one config runs on 1 or N GPUs.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"parallelize: backend must be one of {BACKENDS}, got {backend!r}")
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"parallelize: mixed_precision must be one of {PRECISIONS}, got {mixed_precision!r}")
+    root = StepRoot(model)
+    if backend == "none" or (backend in ("ddp", "fsdp2") and not info.distributed):
+        if backend != "none":
+            log.info("parallelize: no process group (not started by torchrun): %s not applied", backend)
+        return root.to(info.device)
+    if backend == "ddp":
+        return _ddp(root, info, find_unused, bucket_cap_mb)
+    if backend == "fsdp2":
+        return _fsdp2(root, info, mixed_precision, reshard_after_forward, shard_parts, reduce_dtype)
+    if deepspeed is None:
+        raise ValueError("backend 'deepspeed' needs deepspeed=deepspeed_config(...)")
+    if bool(deepspeed.get("bf16", {}).get("enabled", False)) != (mixed_precision == "bf16"):
+        raise ValueError(f"parallelize: mixed_precision={mixed_precision!r} disagrees with the DeepSpeed "
+                         f"config's bf16.enabled={deepspeed.get('bf16', {}).get('enabled', False)}")
+    if optimizer is None:
+        raise ValueError("backend 'deepspeed': pass optimizer= (built over the model's parameters)")
+    return build_engine(root, optimizer, deepspeed, scheduler=scheduler, extensions_dir=extensions_dir)

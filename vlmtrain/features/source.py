@@ -1,0 +1,174 @@
+"""Where a step's image features come from: the encoder on every unique frame, or the feature cache.
+
+:class:`FeatureSource` is built once per run (``open_feature_source``) and used in two places:
+
+- ``prepare(batch)`` on the loader thread, one step ahead: looks the batch's frames up in the cache
+  (their content keys come with the batch) and, for an HF family, runs the image processor on the
+  frames the step will really encode (all of them without a cache, the misses with one);
+- ``features(model, batch, device)`` inside the step: encodes what ``prepare`` left, stores fresh
+  features in the cache (the cache fills online), and — when the cache holds vision-encoder features
+  of a split model — runs the (trainable) projector on all of them.
+
+Fresh features are rounded through the cache's store dtype exactly as stored ones are, so a frame's
+features do not depend on whether it hit or missed (a warm and a cold run train identically).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vlmtrain.features.cache import FeatureCache, cache_enabled, fingerprint_modules, frame_keys
+from vlmtrain.features.fingerprint import PROJECTOR, VISION
+from vlmtrain.models.hf_base import HFVLMAdapter
+from vlmtrain.models.lora import is_lora_param
+from vlmtrain.train.optim import part_of
+
+log = logging.getLogger("vlmtrain")
+
+
+class FeatureCacheUnavailable(ValueError):
+    """``features.cache=on`` but the run trains a part whose features would be cached."""
+
+
+@dataclass
+class CacheLookup:
+    """What the loader found in the cache for one batch's unique frames."""
+
+    hits: torch.Tensor  # (F,) bool
+    features: torch.Tensor  # (hits, ...) float32, CPU
+
+
+def trained_parts(model: nn.Module) -> tuple[set[str], set[str]]:
+    """(parts with trainable weights, parts with trainable LoRA layers)."""
+    full, lora = set(), set()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (lora if is_lora_param(name) else full).add(part_of(model, name))
+    return full, lora
+
+
+class FeatureSource:
+    """Encodes a batch's frames, through the feature cache when there is one (see the module docstring).
+
+    ``cache=None``: every unique frame of the step runs through ``encode_images``. ``split``: the cache
+    holds vision-encoder features (``model.encode_vision``) and ``model.project`` runs every step.
+    """
+
+    def __init__(self, cache: Optional[FeatureCache] = None, split: bool = False):
+        self.cache, self.split = cache, split
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether features are read from (and written to) a cache."""
+        return self.cache is not None
+
+    def settle(self, model: nn.Module) -> None:
+        """Put the cached producers in eval mode (dropout would make stored features random); call
+        after ``model.train()``."""
+        if self.cache is not None:
+            for module in model.feature_producers(self.split):
+                module.eval()
+
+    # -- loader thread ---------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, batch) -> None:
+        """Cache lookup and HF preprocessing of the frames to encode, stored in ``batch.extra``."""
+        todo = None
+        if self.cache is not None:
+            keys = batch.frame_keys if batch.frame_keys is not None else frame_keys(batch.pixels)
+            batch.frame_keys = keys
+            hits, feats = self.cache.lookup(keys)
+            batch.extra["cached"] = CacheLookup(hits, feats)
+            todo = (~hits).nonzero().flatten()
+        if isinstance(model, HFVLMAdapter):
+            pixels = batch.pixels if todo is None else batch.pixels[todo]
+            batch.extra["frames"] = model.prepare_frames(pixels)
+
+    # -- inside the step -------------------------------------------------------------------------
+    def features(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Features (F, K, D) for the batch's unique frames, and how many frames ran through the encoder."""
+        if self.cache is None:
+            return model.encode_images(self._frames(model, batch, None, device)), int(batch.pixels.shape[0])
+        if "cached" not in batch.extra:  # a batch that skipped the loader thread
+            self.prepare(model, batch)
+        found: CacheLookup = batch.extra["cached"]
+        misses = (~found.hits).nonzero().flatten()
+        out = None
+        if len(misses):
+            with torch.no_grad():
+                frames = self._frames(model, batch, misses, device)
+                fresh = model.encode_vision(frames) if self.split else model.encode_images(frames)
+            self.cache.put([batch.frame_keys[i] for i in misses.tolist()], fresh)
+            fresh = fresh.detach().to(self.cache.dtype).float()
+            out = fresh.new_empty((len(found.hits), *fresh.shape[1:]))
+            out[misses.to(device)] = fresh
+        hit_rows = found.hits.nonzero().flatten()
+        if len(hit_rows):
+            hit_feats = found.features.to(device, non_blocking=True)
+            if out is None:
+                out = hit_feats.new_empty((len(found.hits), *hit_feats.shape[1:]))
+            out[hit_rows.to(device)] = hit_feats
+        return (model.project(out) if self.split else out), len(misses)
+
+    @staticmethod
+    def _frames(model: nn.Module, batch, rows: Optional[torch.Tensor], device: torch.device):
+        """The encoder input of ``rows`` of the batch's unique frames (all when None)."""
+        if isinstance(model, HFVLMAdapter):
+            frames = batch.extra.get("frames")
+            if frames is None:
+                pixels = batch.pixels if rows is None else batch.pixels[rows.cpu()]
+                frames = model.prepare_frames(pixels)
+            return frames.to(device, non_blocking=True)
+        pixels = batch.pixels if rows is None else batch.pixels[rows.cpu()]
+        return pixels.to(device, non_blocking=True)
+
+    def stats(self) -> dict[str, float]:
+        """The cache's counters (empty without a cache)."""
+        return self.cache.stats if self.cache is not None else {}
+
+    def close(self) -> None:
+        """Flush and close the cache."""
+        if self.cache is not None:
+            self.cache.close()
+
+
+def cache_decision(model: nn.Module) -> tuple[bool, bool, str]:
+    """(cache usable, split, reason line): what a cache may hold for this model as it trains.
+
+    The producers are the vision tower and the projector; a model that splits them
+    (``supports_split``) may cache vision features while only the projector trains.
+    """
+    full, lora = trained_parts(model)
+    projector_changes = PROJECTOR in full or PROJECTOR in lora
+    split = bool(getattr(model, "supports_split", False)) and projector_changes
+    producers = (VISION,) if split else (VISION, PROJECTOR)
+    ok, reason = cache_enabled(full, lora, producers)
+    return ok, split, reason
+
+
+def open_feature_source(fcfg, model: nn.Module, output_dir: str | Path) -> FeatureSource:
+    """The run's feature source from ``features.*`` (a builder: the config stops here).
+
+    ``off``: no cache. ``auto``: a cache when the producers are frozen, else a log line saying why
+    not. ``on``: as auto, but a trained producer is an error. A cache directory built by other weights
+    or preprocessing is refused (``CacheMismatchError``) in both modes.
+    """
+    if fcfg.cache == "off":
+        return FeatureSource()
+    ok, split, reason = cache_decision(model)
+    if not ok:
+        if fcfg.cache == "on":
+            raise FeatureCacheUnavailable(f"features.cache=on, but {reason}")
+        log.info(reason)
+        return FeatureSource()
+    root = Path(fcfg.cache_dir) if fcfg.cache_dir else Path(output_dir) / "feature_cache"
+    producers = model.feature_producers(split)
+    preprocess = dict(model.feature_preprocess(), producer="vision" if split else "vision+projector")
+    cache = FeatureCache(root, fingerprint_modules(*producers), preprocess, dtype=fcfg.dtype)
+    log.info("%s; %s features in %s (%d entries)", reason, preprocess["producer"], root, cache.stats["entries"])
+    return FeatureSource(cache, split)
