@@ -8,7 +8,8 @@ features come from, for every model family (tiny real models, fp32, CPU):
    the loss equals the one of ``collate_rows(..., dedup=False)`` (one frame per image slot);
 3. a feature cache gives the same loss cold (every frame encoded and stored) and warm (every frame read
    back from disk), equal to the no-cache loss on features rounded through the store dtype; in split
-   mode (vision features cached, projector trained) the projector gradients equal the no-cache run's.
+   mode (vision features cached, projector trained) the projector gradients equal the no-cache run's;
+4. a micro-batch without frames trains on its text alone, with or without a cache.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from vlmtrain.data.loader import Batch, collate_rows
 from vlmtrain.data.samples import IGNORE_INDEX, SampleTokenizer, TokenizedSample, VLNSample, template_texts
 from vlmtrain.data.tokenizer import IMAGE, train_tokenizer
 from vlmtrain.features.cache import STORE_DTYPES, FeatureCache, fingerprint_modules
-from vlmtrain.features.source import FeatureSource
+from vlmtrain.features.source import FeatureSource, dummy_frame_features
 from vlmtrain.models.composed import build_composed_vlm
 from vlmtrain.models.hf_base import Turn
 from vlmtrain.models.registry import load_adapter
@@ -33,7 +34,8 @@ from vlmtrain.models.tiny_idefics3 import save_tiny_idefics3
 from vlmtrain.models.tiny_llava import save_tiny_llava
 from vlmtrain.models.tiny_qwen import save_tiny_qwen_vl
 from vlmtrain.models.packed_attention import enable_varlen_attention, language_model_configs
-from vlmtrain.train.step import lm_inputs, micro_loss, prepare_batch
+from vlmtrain.train.optim import part_of
+from vlmtrain.train.step import lm_inputs, lm_loss, micro_loss, prepare_batch
 
 CPU = torch.device("cpu")
 FAMILIES = ["composed-llama", "composed-qwen3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "llava"]
@@ -282,3 +284,44 @@ def test_cached_equals_recomputed_rounded(case, dtype, split, tmp_path):
     if split:
         projector = vision_and_projector[1]
         assert projector <= cold_grads.keys() and any(float(cold_grads[n].abs().max()) > 0 for n in projector)
+
+
+def _text_only_sample(case: Case) -> TokenizedSample:
+    """A sample without frames: the case's own text-only sample, or (composed VLN samples all show
+    frames) the first sample with its image tokens dropped."""
+    found = [s for s in case.samples if not s.frames]
+    if found:
+        return found[0]
+    s = case.samples[0]
+    keep = [i for i, t in enumerate(s.input_ids) if t != case.image_id]
+    return TokenizedSample([s.input_ids[i] for i in keep], [s.labels[i] for i in keep], ())
+
+
+def test_micro_batch_without_frames(case, tmp_path):
+    """One process, a micro-batch without any frame: no crash (SigLIP cannot encode 0 frames), a finite
+    loss equal bitwise to the text alone (features of no frame), the tower run once on one black
+    frame whose features no slot uses, 0 frames counted, and a zero gradient on every image parameter
+    a micro-batch with frames trains (the same graph: ``features/source.py``). With a feature cache
+    the same, and nothing is stored."""
+    batch = collate_rows([[_text_only_sample(case)]], case.frames, case.pad_id, case.image_id)
+    assert batch.pixels.shape[0] == 0 and batch.slot_frames.numel() == 0
+    counter = FrameCounter(case.model)
+    try:
+        loss, grads, encoded = _step(case.model, batch, FeatureSource())
+    finally:
+        counter.handle.remove()
+    assert torch.isfinite(loss) and encoded == 0 and counter.calls == [1]
+    dummy = dummy_frame_features(case.model, CPU).detach()
+    assert torch.equal(loss, lm_loss(case.model, batch, dummy[:0], CPU).detach())
+    # The image parameters a micro-batch with frames trains (not all: LLaVA reads the penultimate layer).
+    image = lambda names: {n for n in names if part_of(case.model, n) in ("vision", "projector")}  # noqa: E731
+    with_frames = image(_step(case.model, _collate(case, packed=False), FeatureSource())[1])
+    assert with_frames and image(grads) == with_frames
+    assert all(float(grads[n].abs().max()) == 0.0 for n in with_frames)
+    assert any(float(g.abs().max()) > 0 for n, g in grads.items() if part_of(case.model, n) == "llm")
+
+    source = FeatureSource(_open_cache(case.model, tmp_path / "cache", "bf16", False))
+    cached_loss, _, cached_encoded = _step(case.model, collate_rows([[_text_only_sample(case)]], case.frames,
+                                                                    case.pad_id, case.image_id), source)
+    assert torch.equal(cached_loss, loss) and cached_encoded == 0 and source.stats()["entries"] == 0
+    source.close()

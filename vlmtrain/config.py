@@ -16,6 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlmtrain.config_parallel import MemoryConfig, ParallelConfig, parallel_problems
+
 
 # On-disk formats a source can have (readers in vlmtrain/data/formats/, wired in data/sources.py).
 DATA_FORMATS = ("lerobot_vln", "internvla_n1", "streamvln", "llava_json", "internvl_meta")
@@ -139,30 +141,6 @@ class TrainConfig:
 
 
 @dataclass
-class ParallelConfig:
-    """Data parallelism across processes started by torchrun (docs/distributed.md)."""
-
-    backend: str = "none"  # none | ddp | fsdp2 | deepspeed; ddp/fsdp2 without torchrun run as one process
-    comm: str = "auto"  # process-group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
-    timeout_s: float = 1800.0  # a collective that waits longer than this fails the run instead of hanging it
-    ddp_find_unused: bool = False  # ddp: look for parameters without gradients every step (slower; a rank without images is handled without it)
-    ddp_bucket_cap_mb: float = 25.0  # ddp: gradient all-reduce bucket size in MiB
-    fsdp_mixed_precision: str = "auto"  # fsdp2 parameter dtype in forward/backward: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    fsdp_reduce_dtype: str = "fp32"  # fsdp2 gradient reduce-scatter dtype under bf16: fp32 (exact sums) | bf16 (half the traffic)
-    fsdp_reshard_after_forward: bool = True  # fsdp2: free each block's gathered weights after forward and gather again in backward (less memory, more traffic)
-    fsdp_shard_parts: list[str] = field(default_factory=lambda: ["vision", "llm"])  # fsdp2: parts whose transformer blocks are sharded one by one (others join the root group; with a feature cache vision always does)
-
-
-@dataclass
-class MemoryConfig:
-    """CUDA memory: allocator setting, synchronised cache emptying (no effect on CPU)."""
-
-    alloc_conf: str = "expandable_segments:True"  # PYTORCH_CUDA_ALLOC_CONF set at start unless the user set PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF ("": leave the default)
-    empty_cache_on_retries: bool = False  # call torch.cuda.empty_cache on every rank at the same step when any rank's allocator retries grew
-    empty_cache_reserved_gib: float = 0.0  # ... or when any rank's reserved memory passes this many GiB (0: never)
-
-
-@dataclass
 class EvalConfig:
     """Closed-loop GridNav evaluation on held-out layouts."""
 
@@ -234,10 +212,6 @@ def _validate(cfg: RunConfig) -> None:
         "features.cache": (cfg.features.cache, {"off", "auto", "on"}),
         "data.packed_attention": (cfg.data.packed_attention, {"varlen", "mask"}),
         "features.dtype": (cfg.features.dtype, {"bf16", "fp16"}),
-        "parallel.backend": (cfg.parallel.backend, {"none", "ddp", "fsdp2", "deepspeed"}),
-        "parallel.comm": (cfg.parallel.comm, {"auto", "nccl", "gloo"}),
-        "parallel.fsdp_mixed_precision": (cfg.parallel.fsdp_mixed_precision, {"auto", "bf16", "fp32"}),
-        "parallel.fsdp_reduce_dtype": (cfg.parallel.fsdp_reduce_dtype, {"fp32", "bf16"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -245,7 +219,8 @@ def _validate(cfg: RunConfig) -> None:
     for field_name in ("{history}", "{current}", "{instruction}"):
         if field_name not in cfg.data.prompt:
             raise ConfigError(f"data.prompt={cfg.data.prompt!r} lacks {field_name}")
-    part_lists = {"model.lora_parts": cfg.model.lora_parts, "train.grad_checkpointing": cfg.train.grad_checkpointing, "parallel.fsdp_shard_parts": cfg.parallel.fsdp_shard_parts}
+    part_lists = {"model.lora_parts": cfg.model.lora_parts, "train.grad_checkpointing": cfg.train.grad_checkpointing,
+                  "parallel.fsdp_shard_parts": cfg.parallel.fsdp_shard_parts}
     for key, parts in part_lists.items():
         unknown = sorted(set(parts) - set(MODEL_PARTS))
         if unknown:
@@ -258,16 +233,18 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not a multiple of train.grad_accum={cfg.train.grad_accum}"
         )
-    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size, "train.log_every": cfg.train.log_every,
-                "parallel.timeout_s": cfg.parallel.timeout_s}
+    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size, "train.log_every": cfg.train.log_every}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be > 0")
     non_negative = {"data.workers": cfg.data.workers, "data.max_pack_tokens": cfg.data.max_pack_tokens,
-                    "data.max_pack_vision": cfg.data.max_pack_vision, "memory.empty_cache_reserved_gib": cfg.memory.empty_cache_reserved_gib}
+                    "data.max_pack_vision": cfg.data.max_pack_vision}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0")
+    problems = parallel_problems(cfg.parallel, cfg.memory)
+    if problems:
+        raise ConfigError(problems[0])
 
 
 def _validate_composed(cfg: RunConfig) -> None:

@@ -130,6 +130,11 @@ class DeepSpeedEngine:
 
         return unwrap(self.engine)
 
+    def train(self, mode: bool = True) -> "DeepSpeedEngine":
+        """Training (or eval) mode of the engine and the model inside, like ``nn.Module.train``."""
+        self.engine.train(mode)
+        return self
+
     def __call__(self, fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
         """``fn(model, *args, **kwargs)`` through the engine's forward (stage 3 gathers parameters in it)."""
         return self.engine(fn, *args, **kwargs)

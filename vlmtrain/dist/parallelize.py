@@ -15,16 +15,18 @@ where ``batch_loss(model, batch, device)`` is the same function a single process
 ``parallelize`` from ``unwrap(parallel).named_parameters()``, because FSDP2 replaces parameters with
 sharded ones and part names must not carry the wrapper's prefix).
 
-**Ranks without images.** Under DDP and FSDP2 every rank must run the same collectives in the same
-order; a rank whose micro-batch holds no frame would skip the vision tower. See
-:func:`touch_unused_vision`.
+**Ranks without images.** Every rank must run the same collectives in the same order and produce
+gradients for the same parameters; a rank whose micro-batch holds no frame would skip the vision
+tower. It encodes one black frame instead and passes those features to ``embed`` with its empty
+slot list (:func:`~vlmtrain.features.source.dummy_frame_features`, applied by
+``FeatureSource.features`` to every backend and to one process alike): its graph then has the
+shape of a micro-batch with frames, which DDP, FSDP2 and ZeRO-2/3 all need.
 
 **DeepSpeed** (optional extra, imported lazily; ``deepspeed_engine.py``) returns a
 :class:`~vlmtrain.dist.deepspeed_engine.DeepSpeedEngine` around the same root: the step calls
 ``engine.backward(loss)`` per micro-batch (the same weighted loss as under DDP) and ``engine.step()``
 once per optimizer step (clipping, optimizer, scheduler). ZeRO-3 gathers each module's parameters in
-that module's forward, so all ranks must run the same modules in the same order: see
-:func:`touch_unused_vision`.
+that module's forward, so all ranks must run the same modules in the same order (see above).
 """
 
 from __future__ import annotations
@@ -39,13 +41,11 @@ from torch import nn
 
 from vlmtrain.dist.deepspeed_engine import DeepSpeedEngine, build_engine, deepspeed_config  # noqa: F401
 from vlmtrain.dist.init import DistInfo
-from vlmtrain.models.hf_base import HFVLMAdapter
+from vlmtrain.features.source import dummy_frame_features  # noqa: F401  (re-exported, see above)
 from vlmtrain.train.optim import part_of
 
 BACKENDS = ("none", "ddp", "fsdp2", "deepspeed")
 PRECISIONS = ("fp32", "bf16")
-# Parts whose parameters run only when a micro-batch has frames (see touch_unused_vision).
-IMAGE_PARTS = ("vision", "projector")
 # ModuleList names that hold repeated transformer blocks in HF models (fallback for non-HF blocks).
 BLOCK_LIST_NAMES = ("layers", "layer", "blocks", "h")
 
@@ -117,71 +117,6 @@ def transformer_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
         part = part_of(model, f"{name}.0.{first_param}")
         found.setdefault(part, []).extend(module)
     return found
-
-
-# -- ranks without images ------------------------------------------------------------------------
-def dummy_frame_features(model: nn.Module, device: torch.device) -> torch.Tensor:
-    """Visual tokens of one black frame, through the model's own preprocessing and encoder.
-
-    Under **DeepSpeed** use them as the ``features`` of a micro-batch without frames (its image slot
-    list is empty, so none reach the LM): ``embed(ids, dummy_frame_features(model, dev), slots)``.
-    The autograd graph then has the shape of a micro-batch with frames, so every rank runs the same
-    modules in the same order (ZeRO-3 all-gathers each module's parameters in its forward) and
-    produces gradients in the same order (ZeRO-2/3 reduce gradients in buckets filled in the order
-    they become ready; a different order on one rank is a collective mismatch). :func:`touch_unused_vision`,
-    which runs the dummy frame after ``embed``, is enough for DDP and FSDP2 but not for DeepSpeed.
-    """
-    model = unwrap(model)
-    if isinstance(model, HFVLMAdapter):
-        h, w = model.frame_size
-        frames = model.prepare_frames(torch.zeros(1, 3, h, w, dtype=torch.uint8)).to(device)
-        return model.encode_images(frames)
-    vision = getattr(model, "vision", None)
-    size = getattr(getattr(vision, "config", None), "image_size", None)
-    if size is None:
-        raise TypeError(f"dummy_frame_features: do not know the frame size of {type(model).__name__}")
-    return model.encode_images(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
-
-
-def touch_unused_vision(model: nn.Module, inputs_embeds: torch.Tensor,
-                        features: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``inputs_embeds`` plus zero times the vision tower's output on a black frame and every other
-    trainable vision/projector parameter: call it on a micro-batch that has **no frames** on this
-    rank, between ``embed`` and ``forward_lm``, inside the :class:`StepRoot` call.
-
-    Why: the loss does not change (the term is exactly 0), but every rank's graph now touches the
-    same parameters. DDP then finds a gradient (zeros) for each vision/projector parameter instead of
-    waiting forever for buckets this rank never fills; FSDP2 runs the vision blocks' all-gathers in
-    forward and their reduce-scatters in backward like the ranks that do have frames. Frozen vision
-    needs it too: FSDP2 still all-gathers frozen blocks, and the projector or frame-age embedding may
-    train.
-
-    Why the input embeddings and not the loss: FSDP2 collectives pair up by order, so the dummy
-    encode must happen where the real one happens, before the language model; added to the loss it
-    would run after the LM blocks, and a rank's vision all-gather would meet another rank's LM
-    all-gather. Through the embeddings, backward also reaches the vision blocks after the LM blocks,
-    as on the other ranks.
-
-    Costs one single-frame vision forward and backward. A micro-batch of an HF adapter whose
-    frames come from the feature cache on some ranks only is not covered: with FSDP2, all ranks must
-    agree on whether the vision tower runs (shard only the LM, ``shard_parts=("llm",)``, then).
-
-    ``features``: the black frame's :func:`dummy_frame_features` when the caller already encoded it
-    where the real encode happens (``train_step`` does, in its vision phase, instead of encoding the
-    empty frame list); else they are encoded here.
-    """
-    inner = unwrap(model)
-    if features is None:
-        features = dummy_frame_features(inner, inputs_embeds.device)
-    touch = features.float().sum()
-    in_blocks = {id(p) for blocks in transformer_blocks(inner).values() for b in blocks for p in b.parameters()}
-    for name, param in inner.named_parameters():
-        # Block parameters are reached by the dummy forward above (and under FSDP2 are sharded
-        # again by now); the rest of the image path (e.g. the composed model's frame-age embedding,
-        # used only by image slots) is touched directly.
-        if param.requires_grad and id(param) not in in_blocks and part_of(inner, name) in IMAGE_PARTS:
-            touch = touch + param.float().sum()
-    return inputs_embeds + (touch * 0.0).to(inputs_embeds.dtype)
 
 
 # -- gradient accumulation ----------------------------------------------------------------------
@@ -278,7 +213,8 @@ def parallelize(
 
     ``mixed_precision`` only changes parameter storage under FSDP2 and DeepSpeed; under DDP and
     ``none`` bf16 compute is the step's autocast. A backend other than ``none`` without a process
-    group (no torchrun) falls back to ``none`` with a log line, so one config runs on 1 or N GPUs.
+    group (no torchrun) falls back to ``none`` with a log line, so one config runs on 1 or N GPUs;
+    ``deepspeed`` needs the process group (torchrun, also for one process).
     """
     if backend not in BACKENDS:
         raise ValueError(f"parallelize: backend must be one of {BACKENDS}, got {backend!r}")

@@ -9,12 +9,20 @@
   Every rank writes its own shards; rank 0 then adds ``trainer_state.json`` and ``rng.pt`` and
   renames the directory, so a checkpoint is still whole or absent. DCP reshards on load: a
   checkpoint of N ranks resumes on M ranks, or in one process without any process group.
+- **DeepSpeed** (ZeRO-2/3): ``deepspeed/`` is the engine's own checkpoint (``engine.save``) under the
+  tag ``zero``: every rank writes its partition of the optimizer state (and under ZeRO-3 its model
+  states), rank 0 the model states with the scheduler's state. The trainer state (step, totals,
+  world size) and every rank's RNG travel in ``client_state``; rank 0 also writes
+  ``trainer_state.json`` and ``rng.pt`` for readers of the run. It resumes under ``deepspeed`` on the
+  same world size only; DeepSpeed's ``zero_to_fp32.py`` (copied into ``deepspeed/``) converts it
+  to whole weights.
 
-Both add ``rng-ranks.pt``: every rank's RNG state (gathered to rank 0). On the same world size each
-rank restores its own; on another, every rank restores rank 0's (``rng.pt``). The data position is the
-step: the plan is a pure function of (seed, epoch, world size), so after a resume on another world
-size the weights, optimizer and schedule continue exactly while the step's samples are dealt to the
-new ranks (unpacked plans cut the same global batch; packed plans shard their packs anew).
+Plain and DCP checkpoints add ``rng-ranks.pt``: every rank's RNG state (gathered to rank 0). On the
+same world size each rank restores its own; on another, every rank restores rank 0's (``rng.pt``).
+The data position is the step: the plan is a pure function of (seed, epoch, world size), so after a
+resume on another world size the weights, optimizer and schedule continue exactly while the step's
+samples are dealt to the new ranks (unpacked plans cut the same global batch; packed plans shard
+their packs anew).
 
 All functions here are collective (every rank calls them) unless their docstring says otherwise.
 The checkpoint directory must be on a file system every rank sees (one node, or a shared mount).
@@ -30,6 +38,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from vlmtrain.dist.deepspeed_engine import DeepSpeedEngine
 from vlmtrain.dist.init import barrier, broadcast_object, gather_to_main, get_logger, on_main
 from vlmtrain.dist.parallelize import unwrap
 from vlmtrain.train.checkpoint import (
@@ -38,11 +47,15 @@ from vlmtrain.train.checkpoint import (
 )
 
 DCP_DIR = "dcp"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "zero"  # one DeepSpeed checkpoint per step directory, so one fixed tag
 RNG_RANKS = "rng-ranks.pt"
 
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether the model's parameters are DTensor shards (FSDP2); no collective."""
+    if isinstance(model, DeepSpeedEngine):
+        return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in unwrap(model).parameters())
@@ -77,6 +90,16 @@ def save_run_checkpoint(ckpt_root: Path, step: int, parallel: nn.Module, optimiz
     rngs = gather_to_main(rng_state())
     state = dict(trainer_state, world_size=_world())
     final = ckpt_root / f"step-{step:07d}"
+    if isinstance(parallel, DeepSpeedEngine):
+        tmp = Path(broadcast_object(str(on_main(begin_checkpoint, ckpt_root, step))))
+        # Every rank's client_state holds all ranks' RNG: DeepSpeed keeps rank 0's under ZeRO-2 and each
+        # rank's own under ZeRO-3 (one model-states file per rank), and either must restore every rank.
+        client = dict(state, step=step, rng_ranks=broadcast_object(rngs))
+        parallel.save(tmp / DEEPSPEED_DIR, client_state=client, tag=DEEPSPEED_TAG)
+        barrier()  # every rank's partitions are written before rank 0 renames the directory
+        on_main(finish_checkpoint, tmp, step, scheduler, state, keep)
+        barrier()
+        return final
     if not is_sharded(parallel):
         on_main(save_checkpoint, ckpt_root, step, unwrap(parallel), optimizer, scheduler, state, keep,
                 extra={RNG_RANKS: rngs})
@@ -97,6 +120,8 @@ def save_run_checkpoint(ckpt_root: Path, step: int, parallel: nn.Module, optimiz
 def load_run_checkpoint(path: Path, parallel: nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and this rank's RNG from ``path`` (either format; a DCP
     checkpoint of any world size); returns the trainer state (``step``, ``totals``, ...)."""
+    if isinstance(parallel, DeepSpeedEngine) or (path / DEEPSPEED_DIR).is_dir():
+        return _load_deepspeed(path, parallel)
     model = unwrap(parallel)
     if (path / DCP_DIR).is_dir():
         import torch.distributed.checkpoint as dcp
@@ -130,13 +155,37 @@ def load_run_checkpoint(path: Path, parallel: nn.Module, optimizer, scheduler) -
     return state
 
 
+def _load_deepspeed(path: Path, parallel: nn.Module | DeepSpeedEngine) -> dict[str, Any]:
+    """Restore a DeepSpeed checkpoint into the engine (weights, optimizer, scheduler) and this rank's RNG."""
+    rank, world = _rank_and_world()
+    saved = json.loads((path / STATE).read_text()) if (path / STATE).exists() else {}
+    if not isinstance(parallel, DeepSpeedEngine) or not (path / DEEPSPEED_DIR).is_dir():
+        kind = "DeepSpeed" if (path / DEEPSPEED_DIR).is_dir() else "plain or DCP"
+        raise ValueError(f"{path} is a {kind} checkpoint: resume it with the backend that wrote it (a DeepSpeed "
+                         "checkpoint converts to whole weights with deepspeed/zero_to_fp32.py)")
+    if int(saved.get("world_size", world)) != world:
+        raise ValueError(f"{path} was written by {saved['world_size']} DeepSpeed ranks; resume it on as many "
+                         f"(this run has {world}) or convert it with deepspeed/zero_to_fp32.py")
+    client = parallel.load(path / DEEPSPEED_DIR, tag=DEEPSPEED_TAG)
+    set_rng_state(client.pop("rng_ranks")[rank])
+    return client
+
+
 def model_for_saving(parallel: nn.Module, rebuild: Callable[[], nn.Module]) -> Optional[nn.Module]:
     """The trained model as one plain module on rank 0 (None elsewhere), for the final ``model/``.
 
     Unsharded models are returned as they are. FSDP2 shards are gathered into a full state dict
     (frozen weights too: ``rebuild`` need not reproduce them) on rank 0's CPU and loaded into
     ``rebuild()``, a fresh copy built as at the start, so the usual ``save_pretrained`` / merged
-    export runs on plain tensors."""
+    export runs on plain tensors. A DeepSpeed engine's weights are gathered the same way
+    (``full_state_dict``: whole fp32 copies, of the bf16 weights under bf16)."""
+    if isinstance(parallel, DeepSpeedEngine):
+        full = parallel.full_state_dict()  # collective
+        if _rank_and_world()[0] != 0:
+            return None
+        model = rebuild()
+        model.load_state_dict(full, strict=True)
+        return model
     if not is_sharded(parallel):
         return on_main(unwrap, parallel)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -11,6 +11,15 @@
 
 Fresh features are rounded through the cache's store dtype exactly as stored ones are, so a frame's
 features do not depend on whether it hit or missed (a warm and a cold run train identically).
+
+**A batch without frames** (text-only samples) gets the features of one black frame
+(:func:`dummy_frame_features`); its slot list is empty, so none of them reach the LM and the loss is
+that of the text alone. The vision tower thus runs in every micro-batch, the autograd graph has the
+same shape as with frames, and every trainable image parameter gets a (zero) gradient. That is what
+data parallelism needs (DDP waits for a gradient of every parameter; FSDP2 and ZeRO-3 gather each
+module's weights in its forward, in the same order on every rank; ZeRO-2/3 reduce gradients in
+buckets filled in the order they become ready), and one process then updates the same parameters as N
+ranks would. Encoding zero frames instead would crash some towers (SigLIP's patch embedding).
 """
 
 from __future__ import annotations
@@ -77,7 +86,10 @@ class FeatureSource:
 
     # -- loader thread ---------------------------------------------------------------------------
     def prepare(self, model: nn.Module, batch) -> None:
-        """Cache lookup and HF preprocessing of the frames to encode, stored in ``batch.extra``."""
+        """Cache lookup and HF preprocessing of the frames to encode, stored in ``batch.extra``
+        (nothing for a batch without frames: ``features`` encodes a black frame for it)."""
+        if batch.pixels.shape[0] == 0:
+            return
         todo = None
         if self.cache is not None:
             keys = batch.frame_keys if batch.frame_keys is not None else frame_keys(batch.pixels)
@@ -91,7 +103,11 @@ class FeatureSource:
 
     # -- inside the step -------------------------------------------------------------------------
     def features(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
-        """Features (F, K, D) for the batch's unique frames, and how many frames ran through the encoder."""
+        """Features (F, K, D) for the batch's unique frames, and how many of its frames ran through the
+        encoder. A batch without frames gets one black frame's features (1, K, D) and counts 0 frames
+        (module docstring); the cache is not involved."""
+        if batch.pixels.shape[0] == 0:
+            return dummy_frame_features(model, device), 0
         if self.cache is None:
             return model.encode_images(self._frames(model, batch, None, device)), int(batch.pixels.shape[0])
         if "cached" not in batch.extra:  # a batch that skipped the loader thread
@@ -135,6 +151,20 @@ class FeatureSource:
         """Flush and close the cache."""
         if self.cache is not None:
             self.cache.close()
+
+
+def dummy_frame_features(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """Visual tokens (1, K, D) of one black frame, through the model's own preprocessing and encoder:
+    the features of a batch without frames (module docstring). Pass them to ``embed`` with the batch's
+    empty slot list: ``embed(ids, dummy_frame_features(model, dev), slots)``."""
+    if isinstance(model, HFVLMAdapter):
+        h, w = model.frame_size
+        frames = model.prepare_frames(torch.zeros(1, 3, h, w, dtype=torch.uint8)).to(device)
+        return model.encode_images(frames)
+    size = getattr(getattr(getattr(model, "vision", None), "config", None), "image_size", None)
+    if size is None:
+        raise TypeError(f"dummy_frame_features: do not know the frame size of {type(model).__name__}")
+    return model.encode_images(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
 
 
 def cache_decision(model: nn.Module) -> tuple[bool, bool, str]:

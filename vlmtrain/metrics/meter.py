@@ -54,11 +54,16 @@ class StepMeter:
         self._n = 0
         self._sum = {"loss": 0.0, "grad_norm": 0.0, "data_s": 0.0, "step_s": 0.0, "flops": 0.0}
         self._c: dict[str, float] = {}
+        self._extra: dict[str, float] = {}  # namespaced values a step returns itself (e.g. deepspeed/fwd_ms)
         self._lr = 0.0
 
     def update(self, micro: Sequence[Batch], result: dict[str, float], data_s: float, step_s: float, lr: float) -> None:
-        """Record one optimizer step."""
+        """Record one optimizer step. Keys of ``result`` with a namespace (``deepspeed/fwd_ms``) are
+        averaged over the window and logged under their own name (this rank's values)."""
         self._n += 1
+        for k, v in result.items():
+            if "/" in k:
+                self._extra[k] = self._extra.get(k, 0.0) + float(v)
         for k, v in (("loss", result["loss"]), ("grad_norm", result["grad_norm"]), ("data_s", data_s), ("step_s", step_s)):
             self._sum[k] += v
         counts = step_counts(micro, int(result.get("frames_encoded", sum(int(b.pixels.shape[0]) for b in micro))))
@@ -100,6 +105,7 @@ class StepMeter:
             "time/step_s": round(wall / n, 5),
             "time/data_wait_pct": round(100.0 * s["data_s"] / wall, 2),
             "train/epoch": round(epoch, 4),
+            **{k: round(v / n, 4) for k, v in self._extra.items()},
         }
         if c.get("looked_up"):
             out["cache/hit_rate"] = round(c["hits"] / c["looked_up"], 4)

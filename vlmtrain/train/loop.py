@@ -9,7 +9,7 @@ import random
 import time
 from functools import partial
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from vlmtrain.dist.init import (
     DistInfo, all_reduce_max, all_reduce_values, get_logger, init_distributed, is_main, main_first, on_main,
 )
 from vlmtrain.dist.memory import SyncedEmptyCache, configure_allocator, memory_stats, rank_metrics
-from vlmtrain.dist.parallelize import parallelize
+from vlmtrain.dist.parallelize import DeepSpeedEngine, deepspeed_config, parallelize
 from vlmtrain.dist.run_checkpoint import (
     latest_run_checkpoint, load_run_checkpoint, model_for_saving, save_run_checkpoint,
 )
@@ -118,34 +118,67 @@ def save_final_model(model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
 
 
-def check_backend(pcfg: ParallelConfig) -> None:
-    """Refuse a backend the loop cannot run yet (before any rank starts waiting for the others)."""
-    if pcfg.backend == "deepspeed":
-        raise ConfigError("parallel.backend=deepspeed is not available in `vlmtrain train` yet (its engine, "
-                          "dist/deepspeed_engine.py, is not wired into the loop); use ddp or fsdp2")
+def deepspeed_settings(cfg: RunConfig, world_size: int) -> dict:
+    """DeepSpeed's config dict from ``parallel.deepspeed_*`` and the run's batch, clipping and precision
+    (``train.precision=bf16``: bf16 parameters, fp32 master weights in the optimizer's partitions)."""
+    p = cfg.parallel
+    return deepspeed_config(
+        stage=p.deepspeed_zero_stage, offload_optimizer=p.deepspeed_offload_optimizer,
+        offload_param=p.deepspeed_offload_param, reduce_bucket_size=p.deepspeed_reduce_bucket_size,
+        allgather_bucket_size=p.deepspeed_allgather_bucket_size,
+        stage3_prefetch_bucket_size=p.deepspeed_stage3_prefetch_bucket_size,
+        stage3_param_persistence_threshold=p.deepspeed_stage3_param_persistence_threshold,
+        overlap_comm=p.deepspeed_overlap_comm, wall_clock_breakdown=p.deepspeed_wall_clock_breakdown,
+        bf16=cfg.train.precision == "bf16", grad_accum=cfg.train.grad_accum, grad_clip=cfg.optim.grad_clip,
+        micro_batch_size=max(1, cfg.train.batch_size // (cfg.train.grad_accum * world_size)))
 
 
-def parallel_from_config(model: nn.Module, pcfg: ParallelConfig, info: DistInfo, cached_features: bool) -> nn.Module:
-    """``model`` wrapped for ``parallel.backend`` (``dist.parallelize``; the config stops here).
+def parallel_and_optimizer(model: nn.Module, cfg: RunConfig, info: DistInfo, out: Path, cached_features: bool
+                           ) -> tuple[Union[nn.Module, DeepSpeedEngine], torch.optim.Optimizer, Any]:
+    """(``model`` wrapped for ``parallel.backend``, optimizer, scheduler), built in the order the backend
+    needs (``dist.parallelize``; the config stops here).
 
+    FSDP2 replaces the parameters by shards, so its optimizer is built after wrapping; a DeepSpeed
+    engine takes the optimizer and scheduler in, so they come first (its compiled ops go to
+    ``output_dir/torch_extensions`` unless ``TORCH_EXTENSIONS_DIR`` is set).
     ``fsdp_mixed_precision=auto`` is bf16 on CUDA, fp32 on CPU (CPU bf16 is slow and inexact). With a
     feature cache the vision blocks are not sharded on their own: a rank whose frames all hit the
     cache skips the encoder, and its per-block all-gathers would pair with another rank's LM blocks;
     in the root group they are gathered with the root, on every rank."""
-    check_backend(pcfg)
+    pcfg = cfg.parallel
+    if pcfg.backend == "deepspeed":
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        engine = parallelize(model, "deepspeed", info, mixed_precision=cfg.train.precision, optimizer=optimizer,
+                             deepspeed=deepspeed_settings(cfg, info.world_size), scheduler=scheduler,
+                             extensions_dir=str(out / "torch_extensions"))
+        return engine, optimizer, scheduler
     precision = pcfg.fsdp_mixed_precision
     if precision == "auto":
         precision = "bf16" if info.device.type == "cuda" else "fp32"
     parts = [p for p in pcfg.fsdp_shard_parts if not (cached_features and p == "vision")]
-    return parallelize(model, pcfg.backend, info, mixed_precision=precision, find_unused=pcfg.ddp_find_unused,
-                       bucket_cap_mb=pcfg.ddp_bucket_cap_mb, reshard_after_forward=pcfg.fsdp_reshard_after_forward,
-                       shard_parts=parts, reduce_dtype=pcfg.fsdp_reduce_dtype)
+    parallel = parallelize(model, pcfg.backend, info, mixed_precision=precision, find_unused=pcfg.ddp_find_unused,
+                           bucket_cap_mb=pcfg.ddp_bucket_cap_mb, reshard_after_forward=pcfg.fsdp_reshard_after_forward,
+                           shard_parts=parts, reduce_dtype=pcfg.fsdp_reduce_dtype)
+    optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 replaced the parameters by shards
+    return parallel, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
 
 
-def rank_features(fcfg: FeaturesConfig, info: DistInfo, out: Path) -> FeaturesConfig:
+def rank_features(fcfg: FeaturesConfig, pcfg: ParallelConfig, info: DistInfo, out: Path) -> FeaturesConfig:
     """``features.*`` for this rank: a feature cache has one writer, so each rank of a multi-process
-    run keeps its own (``<cache_dir>/rank-<r>``)."""
-    if fcfg.cache == "off" or info.world_size == 1:
+    run keeps its own (``<cache_dir>/rank-<r>``). Under DeepSpeed ZeRO-3 there is no cache (``auto``
+    says why in the log, ``on`` is an error): ZeRO-3 gathers the vision tower's weights in its
+    forward on every rank at once, and a rank whose frames all hit its cache would skip it."""
+    if fcfg.cache == "off":
+        return fcfg
+    if pcfg.backend == "deepspeed" and pcfg.deepspeed_zero_stage == 3:
+        why = ("DeepSpeed ZeRO-3 gathers the vision tower's partitioned weights in its forward on every rank "
+               "together, and ranks could disagree on whether the tower runs (all frames cache hits on one)")
+        if fcfg.cache == "on":
+            raise ConfigError(f"features.cache=on cannot be used with parallel.deepspeed_zero_stage=3: {why}")
+        get_logger().info("feature cache off: %s", why)
+        return dataclasses.replace(fcfg, cache="off")
+    if info.world_size == 1:
         return fcfg
     root = Path(fcfg.cache_dir) if fcfg.cache_dir else out / "feature_cache"
     return dataclasses.replace(fcfg, cache_dir=str(root / f"rank-{info.rank}"))
@@ -175,11 +208,14 @@ def add_totals(previous: dict, meter: StepMeter) -> dict:
 
 def start_process(cfg: RunConfig) -> DistInfo:
     """This process's part of the job: the CUDA allocator setting (before CUDA starts), the process
-    group when ``torchrun`` started it (gloo on CPU, nccl on CUDA), torch threads."""
-    check_backend(cfg.parallel)
+    group when ``torchrun`` started it (gloo on CPU, nccl on CUDA), torch threads. DeepSpeed needs
+    the process group even for one process (``torchrun --nproc_per_node 1``)."""
     if cfg.memory.alloc_conf and torch.cuda.is_available():
         configure_allocator(get_logger(), cfg.memory.alloc_conf)
     info = init_distributed(cfg.parallel.comm, cfg.parallel.timeout_s)
+    if cfg.parallel.backend == "deepspeed" and not info.distributed:
+        raise ConfigError("parallel.backend=deepspeed needs a process group: launch with torchrun "
+                          "(also for one process: torchrun --nproc_per_node 1 -m vlmtrain.cli train ...)")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     return info
@@ -204,10 +240,9 @@ def train(cfg: RunConfig) -> dict:
     trainable = trainable_counts(model)
     log.info("trainable parameters: %s", trainable)
 
-    source = open_feature_source(rank_features(cfg.features, info, out), model, out)  # fingerprints whole weights
-    parallel = parallel_from_config(model, cfg.parallel, info, source.uses_cache)
-    optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 replaced the parameters by shards
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    source = open_feature_source(rank_features(cfg.features, cfg.parallel, info, out), model, out)  # whole weights
+    flops = run_flops(model, source)  # counts whole weights too (ZeRO-3 leaves empty placeholders)
+    parallel, optimizer, scheduler = parallel_and_optimizer(model, cfg, info, out, source.uses_cache)
     state = {"step": 0, "totals": {"wall_s": 0.0, "samples": 0, "tokens": 0}}
     if ckpt is not None:
         state = load_run_checkpoint(ckpt, parallel, optimizer, scheduler)
@@ -217,7 +252,7 @@ def train(cfg: RunConfig) -> dict:
     batches, plan = build_batches(cfg, data, model, source, start, cfg.train.steps)
     sink = main_sink(out / "metrics.jsonl", start)
     sample_log = main_sink(out / "samples.jsonl", start, enabled=cfg.train.record_samples)  # rank 0's samples
-    meter = StepMeter(run_flops(model, source), device_peak(info.device, cfg.train.precision), info.world_size,
+    meter = StepMeter(flops, device_peak(info.device, cfg.train.precision), info.world_size,
                       reduce_sum=partial(all_reduce_values, op="sum"))
     empty_cache = SyncedEmptyCache(cfg.memory.empty_cache_reserved_gib, on_retries=cfg.memory.empty_cache_on_retries,
                                    enabled=cfg.memory.empty_cache_on_retries or cfg.memory.empty_cache_reserved_gib > 0)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from vlmtrain.data.loader import Batch
 from vlmtrain.dist.init import all_reduce_sum
-from vlmtrain.dist.parallelize import accumulation_context, dummy_frame_features, touch_unused_vision
+from vlmtrain.dist.deepspeed_engine import DeepSpeedEngine
+from vlmtrain.dist.parallelize import accumulation_context
 from vlmtrain.features.source import FeatureSource
 from vlmtrain.models.hf_base import HFVLMAdapter
 from vlmtrain.models.packed_attention import document_layout, packed_documents, uses_varlen
@@ -104,39 +105,28 @@ def lm_inputs(model, batch: Batch, device: torch.device, dtype: torch.dtype):
 
 
 def micro_loss(model, batch: Batch, device: torch.device, source: FeatureSource,
-               timer: Optional[PhaseTimer] = None, touch_vision: bool = False) -> tuple[torch.Tensor, int]:
-    """Mean loss of one micro-batch, and the frames its encoder ran on.
-
-    ``touch_vision`` (data-parallel runs): a micro-batch without frames encodes one black frame instead
-    and adds its features times zero to the embeddings, so this rank runs the vision tower's
-    collectives where and when the other ranks do (``dist.parallelize.touch_unused_vision``)."""
+               timer: Optional[PhaseTimer] = None) -> tuple[torch.Tensor, int]:
+    """Mean loss of one micro-batch, and the frames its encoder ran on. A micro-batch without frames
+    runs the encoder on one black frame whose features no slot uses (``FeatureSource.features``), so
+    its graph has the shape of one with frames, as every data-parallel backend needs."""
     timer = timer or PhaseTimer()
-    dummy = None
     with timer("vision"):
-        if touch_vision and batch.pixels.shape[0] == 0:
-            dummy = dummy_frame_features(model, device)
-            features, encoded = dummy[:0], 0  # no slot to fill: the (0, K, D) features of no frame
-        else:
-            features, encoded = source.features(model, batch, device)
+        features, encoded = source.features(model, batch, device)
     with timer("lm_forward"):
-        loss = lm_loss(model, batch, features, device, touch=dummy)
+        loss = lm_loss(model, batch, features, device)
     return loss, encoded
 
 
-def lm_loss(model, batch: Batch, features: torch.Tensor, device: torch.device,
-            touch: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lm_loss(model, batch: Batch, features: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The language-model half of a micro-batch: ``features`` (F, K, D) of its unique frames fill the
     image slots (``embed``), then ``forward_lm`` on padded or packed rows. ``vlmtrain bench`` times
-    this alone, on features held in memory, as the LM-only floor. ``touch``: a black frame's features,
-    added times zero to the embeddings of a micro-batch without frames (see ``micro_loss``)."""
+    this alone, on features held in memory, as the LM-only floor."""
     ids = batch.input_ids.to(device, non_blocking=True)
     slots = batch.slot_frames.to(device, non_blocking=True)
     if isinstance(model, HFVLMAdapter):
         embeds = model.embed(ids, features, slots)
     else:
         embeds = model.embed(ids, features, slots, batch.slot_age.to(device, non_blocking=True))
-    if touch is not None:
-        embeds = touch_unused_vision(model, embeds, touch)
     mask, positions = lm_inputs(model, batch, device, embeds.dtype)
     labels = batch.labels.to(device, non_blocking=True)
     if batch.packed and mask is None:  # per-document attention (models/packed_attention.py)
@@ -153,7 +143,7 @@ def batch_loss(model, batch: Batch, device: torch.device) -> torch.Tensor:
 def train_step(
     model, micro_batches: Sequence[Batch], optimizer, scheduler, grad_clip: float, precision: str,
     device: torch.device, source: Optional[FeatureSource] = None, timer: Optional[PhaseTimer] = None,
-    world_size: int = 1, parallel: Optional[torch.nn.Module] = None,
+    world_size: int = 1, parallel: Optional[Union[torch.nn.Module, DeepSpeedEngine]] = None,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch, clip, step; the loss is normalised by the step's label tokens.
 
@@ -162,33 +152,44 @@ def train_step(
     times ``world_size`` because data parallelism averages gradients over ranks. The gradient thus
     equals that of one big batch however the samples are split.
 
-    ``parallel``: what ``dist.parallelize`` wrapped around ``model`` (DDP / FSDP2). Each micro-batch's
-    loss then runs as its forward (the wrapper's hooks sync and gather), DDP all-reduces gradients
-    only in the last micro-batch's backward (``no_sync`` before), a rank without frames still runs
-    the vision tower's collectives, and the returned loss is the step's loss over all ranks.
+    ``parallel``: what ``dist.parallelize`` wrapped around ``model`` (DDP / FSDP2 / a
+    :class:`DeepSpeedEngine`). Each micro-batch's loss then runs as its forward (the wrapper's hooks
+    sync and gather), DDP all-reduces gradients only in the last micro-batch's backward (``no_sync``
+    before), and the returned loss is the step's loss over all ranks. A DeepSpeed engine runs the
+    backward of each weighted loss (told which is the step's last) and the optimizer step: its own
+    clipping (``gradient_clipping`` = ``grad_clip``), the optimizer and scheduler it was built with,
+    zeroing; its wall-clock breakdown, when on, is returned as ``deepspeed/*_ms``.
     """
+    engine = parallel if isinstance(parallel, DeepSpeedEngine) else None
     forward = parallel if parallel is not None else (lambda fn, *args, **kw: fn(model, *args, **kw))
-    touch = parallel is not None and world_size > 1
     source = source or FeatureSource()
     timer = timer or PhaseTimer()
     total_labels = micro_batches[0].step_label_tokens or sum(b.num_label_tokens for b in micro_batches)
     loss_sum, encoded = 0.0, 0
     for i, b in enumerate(micro_batches):
-        with accumulation_context(parallel if parallel is not None else model, i == len(micro_batches) - 1):
+        last = i == len(micro_batches) - 1
+        with accumulation_context(parallel if parallel is not None else model, last):
             with autocast_context(precision, device):
-                loss, n = forward(micro_loss, b, device, source, timer, touch_vision=touch)
+                loss, n = forward(micro_loss, b, device, source, timer)
             encoded += n
             weight = b.num_label_tokens * world_size / max(total_labels, 1)
             with timer("backward"):
-                (loss * weight).backward()
+                if engine is not None:
+                    engine.backward(loss * weight, last_micro=last)
+                else:
+                    (loss * weight).backward()
         loss_sum += float(loss.detach()) * weight
     with timer("optimizer"):
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        max_norm = grad_clip if grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if engine is not None:
+            grad_norm = engine.step()
+        else:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            max_norm = grad_clip if grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
     loss = loss_sum / world_size  # this rank's share of the step's loss
-    return {"loss": all_reduce_sum(loss) if parallel is not None else loss, "grad_norm": grad_norm,
-            "frames_encoded": encoded}
+    out = {"loss": all_reduce_sum(loss) if parallel is not None else loss, "grad_norm": grad_norm,
+           "frames_encoded": encoded}
+    return {**out, **engine.timings()} if engine is not None else out

@@ -1,6 +1,6 @@
-"""Multi-rank checks of ``vlmtrain.dist``, launched by ``tests/dist/test_dist.py`` as
+"""Multi-rank checks of ``vlmtrain.dist``, launched by ``tests/distributed/test_dist.py`` as
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist/_worker.py <mode> <outdir>
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed/_worker.py <mode> <outdir>
 
 ``mode`` is ``ddp`` or ``fsdp2``. Each rank trains a tiny real composed VLM on its own random
 micro-batches through the real ``train_step`` (``parallel=``: token-weighted loss, global-norm

@@ -1,11 +1,11 @@
-"""Multi-rank DeepSpeed ZeRO-2 / ZeRO-3 checks, launched by ``tests/dist/test_deepspeed.py`` as
+"""Multi-rank DeepSpeed ZeRO-2 / ZeRO-3 checks, launched by ``tests/distributed/test_deepspeed.py`` as
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist/_ds_worker.py <phase> <outdir>
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed/_ds_worker.py <phase> <outdir>
 
-``phase`` ``train``: every case trains the tiny composed VLM (``_worker.tiny_model``) for 5 steps of 2
-micro-batches per rank (rank 1 has no frame in step 2, rank 0 none in step 4), with AdamW, a warmup
-schedule and active clipping, saves a DeepSpeed checkpoint after step 3 and records every step's
-loss and gradient norm; rank 0 also trains a plain copy on each step's micro-batches of both ranks
+``phase`` ``train``: every case trains the tiny composed VLM (``_worker.tiny_model``) through the real
+``train_step`` (``parallel=`` the engine) for 5 steps of 2 micro-batches per rank (rank 1 has no frame
+in step 2, rank 0 none in step 4), with AdamW, a warmup schedule and active clipping, saves a
+DeepSpeed checkpoint after step 3 and records every step's loss and gradient norm; rank 0 also trains a plain copy on each step's micro-batches of both ranks
 concatenated (the single-process reference). ``resume`` (a fresh launch): each case loads the step-3
 checkpoint and runs steps 4-5 again. Each rank writes ``<outdir>/rank<r>.json``; collectives time out
 after 60 s, so a hang fails the run.
@@ -13,6 +13,7 @@ after 60 s, so a hang fails the run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -27,10 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from _worker import Checks, concat, make_batch, max_diff, tiny_model
 from vlmtrain.dist.deepspeed_engine import DeepSpeedEngine, deepspeed_config
-from vlmtrain.dist.init import DistInfo, all_reduce_sum, barrier, destroy, init_distributed
-from vlmtrain.dist.parallelize import dummy_frame_features, parallelize, unwrap
-from vlmtrain.models.composed import ComposedVLM
+from vlmtrain.dist.init import DistInfo, barrier, destroy, init_distributed
+from vlmtrain.dist.parallelize import parallelize, unwrap
+from vlmtrain.train.step import batch_loss, train_step
 
+CPU = torch.device("cpu")
 STEPS, MICRO, SAVE_AT = 5, 2, 3
 LR, CLIP, WD = 1e-2, 0.5, 0.1
 LOSS_TOL = 1e-5  # fp32: only the order of the gradient sums differs from the reference
@@ -60,17 +62,17 @@ def text_only(step: int, rank: int) -> bool:
 
 
 def plan(world: int) -> list[list[list[Any]]]:
-    """plan[rank][step - 1] = that rank's micro-batches."""
-    return [[[make_batch(1000 * s + 10 * r + m, images=not text_only(s, r)) for m in range(MICRO)]
-             for s in range(1, STEPS + 1)] for r in range(world)]
-
-
-def batch_loss(model: ComposedVLM, b: Any) -> torch.Tensor:
-    """Mean loss of one micro-batch; without frames, a black frame's features stand in (no slot uses
-    them), so the graph has the same modules in the same order as with frames (ZeRO-2/3 need that)."""
-    features = model.encode_images(b.pixels) if b.pixels.shape[0] else dummy_frame_features(model, b.pixels.device)
-    embeds = model.embed(b.input_ids, features, b.slot_frames, b.slot_age)
-    return model.forward_lm(embeds, b.labels, attention_mask=b.attention_mask)
+    """plan[rank][step - 1] = that rank's micro-batches, each carrying its step's label tokens over all
+    ranks (as the real plan's batches do). A micro-batch without frames runs the encoder on a black
+    frame whose features no slot uses (``FeatureSource.features``), so its graph has the modules of
+    one with frames in the same order (ZeRO-2/3 need that)."""
+    batches = [[[make_batch(1000 * s + 10 * r + m, images=not text_only(s, r)) for m in range(MICRO)]
+                for s in range(1, STEPS + 1)] for r in range(world)]
+    for s in range(STEPS):
+        total = sum(b.num_label_tokens for r in range(world) for b in batches[r][s])
+        for r in range(world):
+            batches[r][s] = [dataclasses.replace(b, step_label_tokens=total) for b in batches[r][s]]
+    return batches
 
 
 def optimizer_and_schedule(model: torch.nn.Module):
@@ -93,7 +95,7 @@ def reference(batches: list[list[list[Any]]], world: int) -> tuple[list[float], 
     opt, sched = optimizer_and_schedule(model)
     losses, norms = [], []
     for s in range(STEPS):
-        loss = batch_loss(model, concat([b for r in range(world) for b in batches[r][s]]))
+        loss = batch_loss(model, concat([b for r in range(world) for b in batches[r][s]]), CPU)
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
@@ -105,21 +107,14 @@ def reference(batches: list[list[list[Any]]], world: int) -> tuple[list[float], 
 
 def run(engine: DeepSpeedEngine, mine: list[list[Any]], world: int, steps: range, save_dir: Path,
         bf16: bool) -> tuple[list[float], list[float]]:
-    """Steps ``steps`` (1-based) of this rank's micro-batches; saves after step SAVE_AT."""
+    """Steps ``steps`` (1-based) of this rank's micro-batches through ``train_step`` (the engine's
+    backward per micro-batch, its step: clipping, AdamW, schedule); saves after step SAVE_AT."""
     losses, norms = [], []
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     for s in steps:
-        micro = mine[s - 1]
-        n_global = all_reduce_sum(sum(b.num_label_tokens for b in micro))
-        total = 0.0
-        for i, b in enumerate(micro):
-            with autocast:
-                loss = engine(batch_loss, b)
-            weight = b.num_label_tokens * world / n_global
-            engine.backward(loss * weight, last_micro=i == len(micro) - 1)
-            total += float(loss.detach()) * weight / world
-        norms.append(engine.step())
-        losses.append(all_reduce_sum(total))
+        out = train_step(engine.model, mine[s - 1], None, None, CLIP, "bf16" if bf16 else "fp32", CPU,
+                         world_size=world, parallel=engine)
+        losses.append(out["loss"])
+        norms.append(out["grad_norm"])
         if s == SAVE_AT:
             engine.save(save_dir, client_state={"step": s}, tag=f"step{s}")
     return losses, norms

@@ -25,9 +25,10 @@ from vlmtrain.dist.memory import (
     DEFAULT_ALLOC_CONF, SyncedEmptyCache, configure_allocator, memory_stats, memory_stats_over_ranks,
 )
 from vlmtrain.dist.parallelize import (
-    StepRoot, accumulation_context, deepspeed_config, parallelize, touch_unused_vision, transformer_blocks, unwrap,
+    StepRoot, accumulation_context, deepspeed_config, dummy_frame_features, parallelize, transformer_blocks, unwrap,
 )
 from vlmtrain.models.composed import build_composed_vlm
+from vlmtrain.train.optim import part_of
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("_worker.py")
@@ -224,29 +225,38 @@ def test_parallelize_without_process_group_is_the_plain_model():
         parallelize(model, "fsdp", CPU)
 
 
-def _text_only_embeds(model, ids):
-    return model.embed(ids, torch.zeros(0, 4, model.projector.out_dim), torch.zeros(0, dtype=torch.long),
-                       torch.zeros(0, dtype=torch.long))
+def _image_params(model) -> dict:
+    return {n: p for n, p in model.named_parameters()
+            if p.requires_grad and part_of(model, n) in ("vision", "projector")}
 
 
-def test_touch_unused_vision_keeps_the_loss_and_reaches_every_image_parameter():
+def test_dummy_frame_features_keep_the_loss_and_reach_every_image_parameter():
+    """A micro-batch without frames: a black frame's features passed to ``embed`` with the empty slot
+    list leave the loss bitwise unchanged, and every trainable vision/projector parameter (the
+    composed model's frame-age embedding too) gets a gradient of exactly zero: the graph has the shape
+    of a micro-batch with frames, as DDP, FSDP2 and ZeRO need."""
     model = tiny_composed()
     ids = torch.randint(4, 64, (2, 10))
-    plain = model.forward_lm(_text_only_embeds(model, ids), ids)
-    touched = model.forward_lm(touch_unused_vision(model, _text_only_embeds(model, ids)), ids)
-    assert torch.equal(plain, touched)
-    touched.backward()
-    image_params = {n: p for n, p in model.named_parameters() if not n.startswith("lm.")}
-    assert image_params and all(p.grad is not None for p in image_params.values()), \
+    no_slot = torch.zeros(0, dtype=torch.long)
+    plain = model.forward_lm(model.embed(ids, torch.zeros(0, 4, model.projector.out_dim), no_slot, no_slot), ids)
+    dummy = dummy_frame_features(model, torch.device("cpu"))
+    assert dummy.shape == (1, 4, model.projector.out_dim)
+    loss = model.forward_lm(model.embed(ids, dummy, no_slot, no_slot), ids)
+    assert torch.equal(plain, loss)
+    loss.backward()
+    image_params = _image_params(model)
+    assert "frame_age.weight" in image_params and "vision.embeddings.patch_embedding.weight" in image_params
+    assert all(p.grad is not None for p in image_params.values()), \
         [n for n, p in image_params.items() if p.grad is None]
     assert all(float(p.grad.abs().max()) == 0.0 for p in image_params.values())
 
 
-def test_touch_unused_vision_on_hf_adapter(tiny_qwen):
+def test_dummy_frame_features_on_hf_adapter(tiny_qwen):
     tiny_qwen.zero_grad(set_to_none=True)
-    embeds = tiny_qwen.hf.get_input_embeddings()(torch.randint(10, 100, (1, 6)))
-    out = touch_unused_vision(tiny_qwen, embeds)
-    assert torch.equal(out, embeds)
-    out.sum().backward()
+    ids = torch.randint(10, 100, (1, 6))
+    dummy = dummy_frame_features(tiny_qwen, torch.device("cpu"))
+    embeds = tiny_qwen.embed(ids, dummy, torch.zeros(0, dtype=torch.long))
+    assert torch.equal(embeds, tiny_qwen.hf.get_input_embeddings()(ids))
+    embeds.sum().backward()
     visual = [p for p in tiny_qwen.hf.model.visual.parameters() if p.requires_grad]
     assert visual and all(p.grad is not None and float(p.grad.abs().max()) == 0.0 for p in visual)

@@ -3,8 +3,9 @@
 The multi-rank checks live in ``_ds_worker.py``; it is launched twice per session (``train``: all
 cases 5 steps and a checkpoint after step 3; ``resume``: a fresh launch that loads it and runs steps
 4-5), and these tests read the ranks' JSON reports. DeepSpeed JIT-compiles a shared-memory comm op on
-first use (~60 s on 2 cores): it goes to ``.pytest_cache/d/deepspeed_torch_extensions`` (never
-``~/.cache``), so only the first session of a checkout pays for it. Skipped without DeepSpeed (the
+first use (~60 s on 2 cores): it goes to the ``deepspeed_extensions`` folder (``conftest.py``: pytest's
+cache, or one temporary folder per session under ``-p no:cacheprovider``; never ``~/.cache``), shared
+with ``test_train_dist.py``, so only the first launch pays for it. Skipped without DeepSpeed (the
 ``deepspeed`` extra); the config tests at the bottom need no DeepSpeed.
 
 Tolerances (fp32): per-step losses and gradient norms within 1e-5 of one process on the
@@ -50,14 +51,11 @@ def launch(phase: str, out: Path, extensions: Path, timeout: float) -> tuple[lis
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, request) -> dict[str, dict]:
+def runs(tmp_path_factory, deepspeed_extensions) -> dict[str, dict]:
     """Rank 0's values of the train and the resume launch (each fails here with the workers' output)."""
-    pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("deepspeed")
-    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: compile in tmp
-    extensions = Path(cache.mkdir("deepspeed_torch_extensions")) if cache else root / "torch_extensions"
-    (train, _), train_s = launch("train", root / "train", extensions, FIRST_LAUNCH_TIMEOUT_S)
-    (resume, _), resume_s = launch("resume", root / "resume", extensions, TIMEOUT_S)
+    (train, _), train_s = launch("train", root / "train", deepspeed_extensions, FIRST_LAUNCH_TIMEOUT_S)
+    (resume, _), resume_s = launch("resume", root / "resume", deepspeed_extensions, TIMEOUT_S)
     print(f"deepspeed launches: train {train_s:.1f} s, resume {resume_s:.1f} s")
     return {"train": train["values"], "resume": resume["values"]}
 
