@@ -41,7 +41,8 @@ LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-4
 DS_BUCKET = 20_000  # elements: several reduce / gather buckets per step for the tiny model
 DS_FIRST_LAUNCH_TIMEOUT_S = 420  # the session's first DeepSpeed launch may compile its comm op
-RANK_KEYS = ("time/step_s_max", "time/step_s_min", "time/data_wait_s_max", "time/data_wait_s_min")
+RANK_KEYS = ("time/step_s_max", "time/step_s_min", "time/data_wait_s_max", "time/data_wait_s_min",
+             "memory/host_rss_gib_max", "memory/host_rss_gib_min", "memory/host_peak_rss_gib_max")
 
 
 def run_config(gridnav_root: Path, out: Path) -> RunConfig:
@@ -106,6 +107,8 @@ def check_two_rank_run(run: Path, reference: Path) -> None:
         assert abs(g["optim/grad_norm"] - r["optim/grad_norm"]) <= LOSS_TOL
         assert all(k in g for k in RANK_KEYS) and not any(k in r for k in RANK_KEYS)
         assert g["time/step_s_max"] >= g["time/step_s_min"] > 0
+        # host memory of each rank (a torch + transformers process holds well over 100 MiB)
+        assert g["memory/host_peak_rss_gib_max"] >= g["memory/host_rss_gib_max"] >= g["memory/host_rss_gib_min"] > 0.1
     assert got[-1]["loss/train"] < got[0]["loss/train"]
     assert weight_diff(run, reference) <= WEIGHT_TOL
     summary = json.loads((run / "summary.json").read_text())

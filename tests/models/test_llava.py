@@ -160,3 +160,23 @@ def test_tiny_checkpoint_loads_with_auto_classes(tiny_path, adapter):
 def test_frame_size_must_match_the_vision_tower(tiny_path):
     with pytest.raises(ValueError, match="image_size"):
         LlavaAdapter.from_pretrained(tiny_path, frame_size=(48, 48))
+
+
+def test_unreachable_trainable_are_exactly_the_parameters_without_gradients(tmp_path):
+    """What DDP is told to expect without gradients (``find_unused``) is exactly what a backward
+    through a trained LLaVA leaves without one: the layers after vision_feature_layer and post_layernorm."""
+    from vlmtrain.data.loader import collate
+    from vlmtrain.data.samples import TokenizedSample
+    from vlmtrain.models.hf_base import Turn
+    from vlmtrain.models.registry import load_adapter
+    from vlmtrain.models.tiny_llava import save_tiny_llava
+    from vlmtrain.train.step import batch_loss
+
+    adapter = load_adapter("llava", save_tiny_llava(tmp_path / "llava", text="llama"), None)
+    enc = adapter.encode_conversation([Turn("user", "<image> where now?"), Turn("assistant", "STOP")])
+    h, w = adapter.frame_size
+    frames = torch.randint(0, 255, (1, 3, h, w), dtype=torch.uint8)
+    batch = collate([TokenizedSample(enc.input_ids, enc.labels, [0])], frames, 0, adapter.image_token_id)
+    batch_loss(adapter, batch, torch.device("cpu")).backward()
+    no_grad = sorted(n for n, p in adapter.named_parameters() if p.requires_grad and p.grad is None)
+    assert no_grad and sorted(adapter.unreachable_trainable()) == no_grad

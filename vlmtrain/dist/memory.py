@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -137,8 +138,25 @@ class SyncedEmptyCache:
         return {"memory/empty_cache_calls": float(self.calls)} if self.enabled else {}
 
 
+def host_memory_stats() -> dict[str, float]:
+    """This process's host memory in GiB: resident now (``/proc/self/statm``) and its lifetime peak
+    (``getrusage``). Host memory is what CPU runs, loader processes' parents and CPU offload consume."""
+    import resource
+
+    out = {"memory/host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["memory/host_rss_gib"] = pages * os.sysconf("SC_PAGE_SIZE") / GIB
+    except (OSError, ValueError, IndexError):  # no procfs (macOS): the peak alone
+        return out
+    # the kernel's high-water mark is updated lazily and can trail the current count by a few pages
+    out["memory/host_peak_rss_gib"] = max(out["memory/host_peak_rss_gib"], out["memory/host_rss_gib"])
+    return out
+
+
 def rank_metrics(times: dict[str, float], device: torch.device | str) -> dict[str, float]:
-    """Per-rank ``times`` (e.g. ``time/step_s``) and, on CUDA, this rank's memory peaks since the last
-    call (:func:`memory_stats`, peaks reset), as their maximum and minimum over ranks
-    (``<key>_max`` / ``<key>_min``) in one pair of collectives. Every rank must call it with the same keys."""
-    return memory_stats_over_ranks({**times, **memory_stats(device)})
+    """Per-rank ``times`` (e.g. ``time/step_s``), host memory (:func:`host_memory_stats`) and, on CUDA,
+    this rank's device memory peaks since the last call (:func:`memory_stats`, peaks reset), as their
+    maximum and minimum over ranks (``<key>_max`` / ``<key>_min``) in one pair of collectives. Every
+    rank must call it with the same keys."""
+    return memory_stats_over_ranks({**times, **host_memory_stats(), **memory_stats(device)})

@@ -238,6 +238,19 @@ class LlavaAdapter(HFVLMAdapter):
         """vision_tower -> vision, multi_modal_projector -> projector, language_model/lm_head -> llm."""
         return part_from_name(param_name, self._PARTS, self.family)
 
+    def unreachable_trainable(self) -> list[str]:
+        """Trainable parameters no loss can reach: the vision encoder layers after the deepest
+        ``vision_feature_layer`` (LLaVA reads the penultimate layer by default), the tower's
+        post-layernorm and SigLIP's pooling head (they only feed the pooled output). DDP must be told
+        (``find_unused``)."""
+        cfg = self.hf.config
+        layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
+        num_layers = int(cfg.vision_config.num_hidden_layers)
+        deepest = max(k if k >= 0 else num_layers + 1 + k for k in layers)  # hidden_states[k] = after layer k-1
+        dead = tuple(f".encoder.layers.{i}." for i in range(deepest, num_layers)) + (".post_layernorm.", ".head.")
+        return [name for name, p in self.named_parameters()
+                if p.requires_grad and "vision_tower" in name and any(d in name for d in dead)]
+
     def feature_producers(self, split: bool) -> list[nn.Module]:
         """The vision tower, plus the projector unless split."""
         model = self.hf.model

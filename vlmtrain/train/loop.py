@@ -157,7 +157,12 @@ def parallel_and_optimizer(model: nn.Module, cfg: RunConfig, info: DistInfo, out
     if precision == "auto":
         precision = "bf16" if info.device.type == "cuda" else "fp32"
     parts = [p for p in pcfg.fsdp_shard_parts if not (cached_features and p == "vision")]
-    parallel = parallelize(model, pcfg.backend, info, mixed_precision=precision, find_unused=pcfg.ddp_find_unused,
+    unreachable = getattr(model, "unreachable_trainable", lambda: [])()
+    find_unused = pcfg.ddp_find_unused or (pcfg.backend == "ddp" and bool(unreachable))
+    if find_unused and not pcfg.ddp_find_unused:
+        log.info("ddp: find_unused_parameters on: %d trainable parameters can never get a gradient (e.g. %s)",
+                 len(unreachable), unreachable[0])
+    parallel = parallelize(model, pcfg.backend, info, mixed_precision=precision, find_unused=find_unused,
                            bucket_cap_mb=pcfg.ddp_bucket_cap_mb, reshard_after_forward=pcfg.fsdp_reshard_after_forward,
                            shard_parts=parts, reduce_dtype=pcfg.fsdp_reduce_dtype)
     optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 replaced the parameters by shards
