@@ -31,3 +31,16 @@ def tiny_cfg(gridnav_root, tmp_path):
     cfg.output_dir = str(tmp_path / "run")
     cfg.train.progress = False
     return cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module's tests, restored afterwards: tiny models gain nothing
+    from intra-op threads, and on a busy 2-core machine OpenMP's thread hand-offs made each forward
+    ~50x slower (0.5 s instead of 10 ms). Use ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,13 +31,7 @@ REPORT_KEYS = {"episodes", "sr", "spl", "ne", "os", "ndtw", "outcomes", "baselin
 OUTCOMES = {"success", "out_of_steps", "stopped_at_distractor", "stopped_elsewhere"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models lose more to OpenMP hand-offs on a busy 2-core machine than threads gain; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

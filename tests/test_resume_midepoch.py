@@ -38,14 +38,6 @@ def small_root(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("gridnav6") / "train", episodes=6, seed=0, workers=1)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def run_cfg(root: Path, out: Path, packing: bool, workers: int):
     from vlmtrain.presets import gridnav_tiny

@@ -59,13 +59,7 @@ VLN_SAMPLES = [VLNSample(0, 0, "go to the red box", (0,), 1), VLNSample(0, 2, "g
                VLNSample(1, 0, "find the blue chair", (4,), 1)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models lose more to OpenMP hand-offs on a busy 2-core machine than threads gain; restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @dataclass

@@ -67,14 +67,7 @@ SLOT_FRAMES = torch.tensor([0, 1, 0, 2])  # 4 slots over 3 unique frames, frame 
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's thread
-    hand-offs made each forward ~50x slower (0.5 s instead of 10 ms); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @dataclass
