@@ -84,6 +84,13 @@ def _data_gridnav(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    """The config arguments of train / bench / cache: a preset, a YAML file over it, key=value overrides."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
+    parser.add_argument("--config", help="YAML config file (applied over the preset)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 train.resume=true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="vlmtrain", description="Train and evaluate vision-language(-navigation) models.")
@@ -92,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model", description=(
         "Train from a preset and/or a YAML config, then key=value overrides "
         "(e.g. vlmtrain train --preset gridnav output_dir=runs/x train.steps=500). Unknown keys are errors."))
-    t.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
-    t.add_argument("--config", help="YAML config file (applied over the preset)")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 train.resume=true")
+    _config_args(t)
     t.set_defaults(func=_train)
 
     b = sub.add_parser("bench", help="benchmark a config's training step against its LM-only floor", description=(
@@ -102,24 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         "samples/s, tokens/s, TGS, MFU (when the device peak is known), padding efficiency, data wait %%, frames "
         "encoded per sample, cache hit rate, the step breakdown, and the LM-only floor (the same LM's "
         "forward+backward on the same packed tokens, image features in memory). Writes OUTPUT_DIR/bench.json."))
-    b.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
-    b.add_argument("--config", help="YAML config file (applied over the preset)")
+    _config_args(b)
     b.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
     b.add_argument("--steps", type=int, default=15, help="measured steps (default 15)")
     b.add_argument("--compare", choices=["naive"],
                    help="also run the same model and data padded, without de-duplication or cache; print the ratio")
     b.add_argument("--cold-cache", action="store_true",
                    help="do not fill the feature cache before measuring (default: fill it, as `vlmtrain cache`)")
-    b.add_argument("overrides", nargs="*", help="key=value overrides")
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("cache", help="precompute the frozen-encoder feature cache of a config's data", description=(
         "Encode every frame of the config's data with its frozen vision encoder (and projector, unless only the "
         "encoder is frozen) into the feature cache (features.cache_dir, default OUTPUT_DIR/feature_cache). "
         "features.cache=off is taken as auto. Fails, saying why, when the encoder trains."))
-    c.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset config")
-    c.add_argument("--config", help="YAML config file (applied over the preset)")
-    c.add_argument("overrides", nargs="*", help="key=value overrides")
+    _config_args(c)
     c.set_defaults(func=_cache)
 
     e = sub.add_parser("eval", help="closed-loop GridNav evaluation of a run",
