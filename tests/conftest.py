@@ -44,3 +44,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def qwen_lora_config(model_path, gridnav_root, output_dir):
+    """A LoRA run of a tiny Qwen2.5-VL on GridNav data (2 history frames, 32 px, batch 8, lr 2e-3),
+    shared by the HF training and evaluation tests; each test sets its steps and logging."""
+    from vlmtrain.config import RunConfig
+
+    cfg = RunConfig(output_dir=str(output_dir))
+    cfg.model.family = "qwen2_5_vl"
+    cfg.model.path = str(model_path)
+    cfg.model.frame_size = 32
+    cfg.model.lora = True
+    cfg.data.root = str(gridnav_root)
+    cfg.data.gridnav_episodes = 0
+    cfg.data.num_history = 2
+    cfg.data.load_workers = 1
+    cfg.train.batch_size = 8
+    cfg.train.ckpt_every = 0
+    cfg.train.progress = False
+    cfg.optim.lr = 2e-3
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def qwen_lora_cfg():
+    """:func:`qwen_lora_config` as a fixture (conftest functions are not importable by tests)."""
+    return qwen_lora_config

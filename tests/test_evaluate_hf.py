@@ -35,23 +35,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def hf_run(gridnav_root, tmp_path_factory) -> Path:
+def hf_run(gridnav_root, tmp_path_factory, qwen_lora_cfg) -> Path:
     """A finished 4-step LoRA run of a tiny Qwen2.5-VL on the session GridNav data (as in test_train_hf)."""
     tmp = tmp_path_factory.mktemp("hf_eval")
-    cfg = RunConfig(output_dir=str(tmp / "run"))
-    cfg.model.family = "qwen2_5_vl"
-    cfg.model.path = str(save_tiny_qwen_vl(tmp / "qwen2_5_vl", family="qwen2_5_vl", seed=0))
-    cfg.model.frame_size = 32
-    cfg.model.lora = True
-    cfg.data.root = str(gridnav_root)
-    cfg.data.gridnav_episodes = 0
-    cfg.data.num_history = 2
-    cfg.data.load_workers = 1
+    model = save_tiny_qwen_vl(tmp / "qwen2_5_vl", family="qwen2_5_vl", seed=0)
+    cfg = qwen_lora_cfg(model, gridnav_root, tmp / "run")
     cfg.train.steps = 30
-    cfg.train.batch_size = 8
-    cfg.train.ckpt_every = 0
-    cfg.train.progress = False
-    cfg.optim.lr = 2e-3
     cfg.eval.max_steps = 25  # keeps the rollout short; an untrained policy rarely stops on its own
     train(cfg)
     return Path(cfg.output_dir)

@@ -37,22 +37,10 @@ def tiny_qwen(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def hf_cfg(tiny_qwen, gridnav_root, tmp_path) -> RunConfig:
+def hf_cfg(tiny_qwen, gridnav_root, tmp_path, qwen_lora_cfg) -> RunConfig:
     """A LoRA run of the tiny Qwen2.5-VL on the session GridNav data (2 history frames, 32 px)."""
-    cfg = RunConfig(output_dir=str(tmp_path / "run"))
-    cfg.model.family = "qwen2_5_vl"
-    cfg.model.path = str(tiny_qwen)
-    cfg.model.frame_size = 32
-    cfg.model.lora = True
-    cfg.data.root = str(gridnav_root)
-    cfg.data.gridnav_episodes = 0
-    cfg.data.num_history = 2
-    cfg.data.load_workers = 1
-    cfg.train.batch_size = 8
+    cfg = qwen_lora_cfg(tiny_qwen, gridnav_root, tmp_path / "run")
     cfg.train.log_every = 1
-    cfg.train.ckpt_every = 0
-    cfg.train.progress = False
-    cfg.optim.lr = 2e-3
     cfg.optim.warmup_steps = 2
     return cfg
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from _worker import Checks, concat, make_batch, max_diff, tiny_model
+from _worker import Checks, concat, make_batch, max_diff, report_and_exit, tiny_model
 from vlmtrain.dist.deepspeed_engine import DeepSpeedEngine, deepspeed_config
-from vlmtrain.dist.init import DistInfo, barrier, destroy, init_distributed
+from vlmtrain.dist.init import DistInfo, barrier, init_distributed
 from vlmtrain.dist.parallelize import parallelize, unwrap
 from vlmtrain.train.step import batch_loss, train_step
 
@@ -188,14 +188,7 @@ def main() -> None:
             train_case(name, info, outdir, checks, phase)
     except Exception:  # recorded for the test's message, then re-raised through the exit code
         error = traceback.format_exc()
-    outdir.mkdir(parents=True, exist_ok=True)
-    ok = not error and not checks.failures
-    (outdir / f"rank{info.rank}.json").write_text(json.dumps(
-        {"ok": ok, "values": checks.values, "failures": checks.failures, "error": error}, indent=1))
-    if error:
-        print(error, file=sys.stderr)
-    destroy()
-    sys.exit(0 if ok else 1)
+    report_and_exit(info, outdir, checks, error)
 
 
 if __name__ == "__main__":

@@ -272,6 +272,12 @@ def main() -> None:
             raise ValueError(f"unknown mode {mode!r}")
     except Exception:  # recorded for the test's message, then re-raised through the exit code
         error = traceback.format_exc()
+    report_and_exit(info, outdir, checks, error)
+
+
+def report_and_exit(info: DistInfo, outdir: Path, checks: Checks, error: str) -> None:
+    """Write this rank's report (``rank<r>.json``: checks, failures, traceback) for the test to read,
+    tear the process group down and exit non-zero on any failure. Shared with ``_ds_worker.py``."""
     outdir.mkdir(parents=True, exist_ok=True)
     ok = not error and not checks.failures
     (outdir / f"rank{info.rank}.json").write_text(json.dumps(

@@ -115,13 +115,19 @@ def check_two_rank_run(run: Path, reference: Path) -> None:
     assert summary["world_size"] == 2 and summary["samples"] == STEPS * 16  # both ranks' samples
 
 
-@pytest.mark.slow
-def test_ddp_train_two_ranks_matches_one_process_and_resumes(reference, gridnav_root, tmp_path):
-    cfg = run_config(gridnav_root, tmp_path / "ddp")
-    cfg.parallel.backend = "ddp"
+def two_rank_run(backend: str, reference: Path, gridnav_root: Path, tmp_path: Path) -> tuple[RunConfig, Path]:
+    """Train the tiny run on 2 ranks with ``backend`` and check it against the one-process reference."""
+    cfg = run_config(gridnav_root, tmp_path / backend)
+    cfg.parallel.backend = backend
     torchrun_train(cfg, tmp_path)
     run = Path(cfg.output_dir)
     check_two_rank_run(run, reference)
+    return cfg, run
+
+
+@pytest.mark.slow
+def test_ddp_train_two_ranks_matches_one_process_and_resumes(reference, gridnav_root, tmp_path):
+    cfg, run = two_rank_run("ddp", reference, gridnav_root, tmp_path)
     ckpt = run / "checkpoints" / f"step-{CKPT:07d}"  # the plain format, written by rank 0
     assert (ckpt / "model.safetensors").exists() and (ckpt / "optimizer.pt").exists()
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
@@ -136,11 +142,7 @@ def test_ddp_train_two_ranks_matches_one_process_and_resumes(reference, gridnav_
 
 @pytest.mark.slow
 def test_fsdp2_train_two_ranks_matches_one_process_and_resumes_on_two_and_one(reference, gridnav_root, tmp_path):
-    cfg = run_config(gridnav_root, tmp_path / "fsdp2")
-    cfg.parallel.backend = "fsdp2"
-    torchrun_train(cfg, tmp_path)
-    run = Path(cfg.output_dir)
-    check_two_rank_run(run, reference)
+    cfg, run = two_rank_run("fsdp2", reference, gridnav_root, tmp_path)
     ckpt = run / "checkpoints" / f"step-{CKPT:07d}"  # DCP shards plus rank 0's trainer state
     assert (ckpt / "dcp" / ".metadata").exists() and not (ckpt / "model.safetensors").exists()
     assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from vlmtrain.data.loader import Batch
+from vlmtrain.data.packing import document_attention_mask
 from vlmtrain.dist.init import all_reduce_sum
 from vlmtrain.dist.deepspeed_engine import DeepSpeedEngine
 from vlmtrain.dist.parallelize import accumulation_context
@@ -61,16 +62,10 @@ class PhaseTimer:
 
 def packed_attention_mask(doc_lengths: Sequence[Sequence[int]], width: int, dtype: torch.dtype,
                           device: torch.device) -> torch.Tensor:
-    """Additive (B, 1, L, L) mask of packed rows: causal within each document, nothing across; the
-    row's padding is one more document, so no softmax row is empty (``packing.document_attention_mask``)."""
-    doc_BL = torch.empty(len(doc_lengths), width, dtype=torch.long)
-    for r, lengths in enumerate(doc_lengths):
-        pad = width - sum(lengths)
-        doc_BL[r] = torch.repeat_interleave(torch.arange(len(lengths) + 1), torch.tensor([*lengths, pad]))
-    doc_BL = doc_BL.to(device)
-    allowed = (doc_BL[:, :, None] == doc_BL[:, None, :]) & torch.ones(width, width, dtype=torch.bool,
-                                                                     device=device).tril()
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))[:, None]
+    """Additive (B, 1, L, L) mask of packed rows: ``packing.document_attention_mask`` per row, with the
+    row's padding as one more document (so no softmax row is empty)."""
+    rows = [document_attention_mask([*lengths, width - sum(lengths)], dtype) for lengths in doc_lengths]
+    return torch.cat(rows).to(device)
 
 
 def prepare_batch(model, batch: Batch, source: FeatureSource) -> None:
