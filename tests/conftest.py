@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def gridnav_root(tmp_path_factory):
     """A 24-episode GridNav training set in the LeRobot layout."""
-    from vlmtrain.data.gridnav.generate import write_dataset
+    from vlmtrain.envs.gridnav.generate import write_dataset
 
     root = tmp_path_factory.mktemp("gridnav") / "train"
     write_dataset(root, episodes=24, seed=0, split="train")
@@ -71,3 +71,14 @@ def qwen_lora_config(model_path, gridnav_root, output_dir):
 def qwen_lora_cfg():
     """:func:`qwen_lora_config` as a fixture (conftest functions are not importable by tests)."""
     return qwen_lora_config
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """A tiny composed-model tokenizer (BPE trained on two instructions, the four actions as single
+    tokens): what ``models.registry.build_tokenizer`` trains on a run's text, in miniature."""
+    from vlmtrain.data.samples import ACTION_TEXTS
+    from vlmtrain.models.composed_chat import train_tokenizer
+
+    return train_tokenizer(["go to the red box", "find the blue chair", "walk to the red box and stop"],
+                           vocab_size=96, answers=ACTION_TEXTS)

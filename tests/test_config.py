@@ -63,7 +63,6 @@ HF = ["model.family=qwen2_5_vl", "model.path=models/not_made_yet"]  # paths are 
 @pytest.mark.parametrize("overrides, match", [
     (["model.family=llava"], "needs model.path"),
     (["model.lora=true"], "needs an HF model.family"),
-    (["data.format=llava_json"], "composed trains on one lerobot_vln"),
     (HF + ["data.sources=[{name: a, format: llava_json, pth: x.json}]"], r"data\.sources\[0\]\.pth.*did you mean 'path'"),
     (HF + ["data.sources=[{name: a%50, percent: 20, format: llava_json, path: x.json}]"], "percent once"),
     (HF + ["data.sources=[{name: a, path: x.json}, {name: a, path: y.json}]"], "used twice"),
@@ -75,6 +74,14 @@ HF = ["model.family=qwen2_5_vl", "model.path=models/not_made_yet"]  # paths are 
 def test_hf_family_and_sources_are_validated(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(RunConfig(), overrides=overrides)
+
+
+def test_every_family_reads_every_format():
+    """One data path: the composed model takes the same sources as the HF families."""
+    for fmt in ("llava_json", "streamvln", "lerobot_vln"):
+        assert load_config(RunConfig(), overrides=[f"data.format={fmt}"]).data.format == fmt
+    mixed = load_config(RunConfig(), overrides=["data.sources=[{name: a%50, format: llava_json, path: x.json}]"])
+    assert mixed.model.family == "composed" and mixed.data.sources[0].format == "llava_json"
 
 
 def test_sources_from_yaml(tmp_path):

@@ -3,14 +3,16 @@ one of them runs end to end on a tiny model made by scripts/make_tiny_vlm.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from vlmtrain.config import RunConfig, load_config
+from vlmtrain.config import RunConfig, load_config, save_config, source_name_and_percent, valid_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -26,11 +28,68 @@ def test_example_config_validates(path):
         assert f"make_tiny_vlm.py --family {cfg.model.family} --out {cfg.model.path}" in text
 
 
+# Every example and what its header promises: (model.family, model.lora, data formats read,
+# {source name: percent} for mixtures of data.sources).
+EXAMPLES = {
+    "format_internvl_meta": ("qwen2_5_vl", True, ["internvl_meta"], {"internvl": 100.0}),
+    "format_internvla_n1": ("qwen2_5_vl", True, ["internvla_n1"], {"r2r_125cm_0_30": 50.0}),
+    "format_streamvln": ("qwen2_5_vl", True, ["streamvln"], {"r2r": 100.0}),
+    "gridnav": ("composed", False, ["lerobot_vln"], {}),
+    "llava_llava_json": ("llava", True, ["llava_json"], {}),
+    "mixture": ("qwen2_5_vl", True, ["lerobot_vln", "llava_json", "streamvln"],
+                {"gridnav": 50.0, "captions": 200.0, "r2r": 100.0}),
+    "qwen2_5_vl_lora_gridnav": ("qwen2_5_vl", True, ["lerobot_vln"], {}),
+    "qwen2_vl_gridnav": ("qwen2_vl", False, ["lerobot_vln"], {}),
+    "qwen3_vl_gridnav": ("qwen3_vl", True, ["lerobot_vln"], {}),
+    "smolvlm_llava_json": ("idefics3", True, ["llava_json"], {}),
+}
+
+
 def test_expected_examples_exist():
-    names = {p.stem for p in CONFIGS}
-    assert {"qwen2_5_vl_lora_gridnav", "qwen2_vl_gridnav", "qwen3_vl_gridnav", "smolvlm_llava_json",
-            "llava_llava_json", "format_internvla_n1", "format_streamvln", "format_internvl_meta",
-            "mixture"} <= names
+    assert {p.stem for p in CONFIGS} == set(EXAMPLES), "add a new example to EXAMPLES with what it promises"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_example_key_values(path):
+    family, lora, formats, percents = EXAMPLES[path.stem]
+    cfg = load_config(yaml_path=path)
+    assert (cfg.model.family, cfg.model.lora) == (family, lora)
+    assert ([s.format for s in cfg.data.sources] or [cfg.data.format]) == formats
+    assert dict(source_name_and_percent(s) for s in cfg.data.sources) == percents
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_example_sets_what_the_file_says(path):
+    """Every value written in the file (as PyYAML reads it) is the loaded config's value."""
+    written = _flat(yaml.safe_load(path.read_text()))
+    loaded = _flat(dataclasses.asdict(load_config(yaml_path=path)))
+    for key, value in written.items():
+        if key == "data.sources":
+            assert len(loaded[key]) == len(value)
+            for item, src in zip(value, loaded[key]):
+                assert {k: src[k] for k in item} == item
+        else:
+            assert loaded[key] == value, key
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_example_round_trips_through_save_config(path, tmp_path):
+    cfg = load_config(yaml_path=path)
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(yaml_path=tmp_path / "config.yaml")
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    # the saved file is complete: every key is written, so it does not depend on today's defaults
+    assert set(_flat(yaml.safe_load((tmp_path / "config.yaml").read_text()))) == set(valid_keys())
 
 
 def _script():

@@ -15,7 +15,7 @@ from vlmtrain.presets import PRESETS, get_preset
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vlmtrain.dist.init import destroy, print0
+    from vlmtrain.parallel.init import destroy, print0
     from vlmtrain.train.loop import train
 
     summary = train(_load(args))  # under torchrun every rank runs this (docs/distributed.md)
@@ -41,7 +41,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from vlmtrain.features.precompute import fill_run_cache
+    from vlmtrain.tools.cache import fill_run_cache
     from vlmtrain.features.source import FeatureCacheUnavailable
 
     try:
@@ -73,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _data_gridnav(args: argparse.Namespace) -> int:
-    from vlmtrain.data.gridnav.generate import write_dataset
+    from vlmtrain.envs.gridnav.generate import write_dataset
 
     t0 = time.perf_counter()
     root = write_dataset(Path(args.out), episodes=args.episodes, seed=args.seed, split=args.split,
@@ -130,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="seed of the held-out episodes (default: the run's eval.seed)")
     e.set_defaults(func=_eval)
 
-    x = sub.add_parser("export", help="export an HF-family run (merged HF checkpoint or PEFT adapter)",
+    x = sub.add_parser("export", help="export a run's model from its newest checkpoint (final model dir or PEFT adapter)",
                        description="Rebuild a run's model from RUN_DIR/config.yaml and its newest checkpoint, then "
-                                   "write a merged HF checkpoint (--merged) and/or a PEFT adapter (--adapter).")
-    x.add_argument("run_dir", help="run directory written by `vlmtrain train` (an HF model.family)")
-    x.add_argument("--merged", metavar="OUT", help="write LoRA merged into the base weights as a plain HF model dir")
-    x.add_argument("--adapter", metavar="OUT", help="write the PEFT adapter plus the fully trained modules")
+                                   "write its final model directory (--merged; an HF family: a plain HF checkpoint "
+                                   "with LoRA merged) and/or a PEFT adapter (--adapter, LoRA runs).")
+    x.add_argument("run_dir", help="run directory written by `vlmtrain train`")
+    x.add_argument("--merged", metavar="OUT", help="write the model as `vlmtrain eval` and transformers load it "
+                                                   "(LoRA merged into the base weights)")
+    x.add_argument("--adapter", metavar="OUT", help="write the PEFT adapter plus the fully trained modules (LoRA runs)")
     x.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
     x.set_defaults(func=_export)
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlmtrain.config_parallel import MemoryConfig, ParallelConfig, parallel_problems
+from vlmtrain.config_sources import parse_dataset_name, parse_source_spec
 
 
 # On-disk formats a source can have (readers in vlmtrain/data/formats/, wired in data/sources.py).
@@ -42,8 +43,8 @@ class DataConfig:
     """Where samples come from and how they are built."""
 
     root: str = "data/gridnav/train"  # the single source when data.sources is empty: dataset root or annotation file
-    format: str = "lerobot_vln"  # format of data.root (the composed model reads lerobot_vln only)
-    sources: list[SourceConfig] = field(default_factory=list)  # HF families: a mixture of sources (see data.sources[] below); empty: data.root
+    format: str = "lerobot_vln"  # format of data.root
+    sources: list[SourceConfig] = field(default_factory=list)  # a mixture of sources (see data.sources[] below); empty: data.root
     setting: str = "125cm_0deg"  # camera setting of the rgb frames (<height>cm_<pitch>deg)
     num_history: int = 8  # history frames per decision: unique(linspace(0, t-1, num_history))
     image_size: int = 32  # composed model input resolution (frames are resized once, at load; HF families: model.frame_size)
@@ -249,9 +250,6 @@ def _validate(cfg: RunConfig) -> None:
 
 def _validate_composed(cfg: RunConfig) -> None:
     m = cfg.model
-    if cfg.data.sources or cfg.data.format != "lerobot_vln":
-        raise ConfigError("model.family=composed trains on one lerobot_vln dataset (data.root); "
-                          "data.sources and other data.format values need an HF model.family")
     if m.lora:
         raise ConfigError("model.lora=true needs an HF model.family (the composed model trains fully)")
     if cfg.data.image_size % m.patch_size:
@@ -291,8 +289,6 @@ def _validate_hf(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}.name={name!r} is used twice; source names must be unique")
         names.add(name)
         if src.format == "internvla_n1":
-            from vlmtrain.data.formats.internvla_n1 import parse_dataset_name
-
             try:
                 parse_dataset_name(name)
             except ValueError as e:
@@ -301,8 +297,6 @@ def _validate_hf(cfg: RunConfig) -> None:
 
 def source_name_and_percent(src: SourceConfig, key: str = "data.sources[]") -> tuple[str, float]:
     """A source's name and percent; ``name: r2r%50`` is the same as ``name: r2r, percent: 50``."""
-    from vlmtrain.data.mixture import parse_source_spec
-
     try:
         name, percent = parse_source_spec(src.name)
     except ValueError as e:

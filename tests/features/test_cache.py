@@ -12,7 +12,7 @@ import torch
 
 from vlmtrain.config import ModelConfig
 from vlmtrain.features.cache import (
-    CacheMismatchError, FeatureCache, cache_enabled, encode_with_cache, fingerprint_modules, frame_keys,
+    CacheMismatchError, FeatureCache, cache_enabled, fingerprint_modules, frame_keys,
 )
 from vlmtrain.models.composed import PIXEL_MEAN, PIXEL_STD, build_composed_vlm
 
@@ -25,14 +25,14 @@ def _preprocess(size: int = IMAGE) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(chat_tokenizer):
     torch.manual_seed(0)
     mcfg = ModelConfig()
     for name, value in dict(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64, patch_size=8,
                             pixel_shuffle=2, lm_hidden=32, lm_layers=1, lm_heads=2, lm_kv_heads=2,
                             lm_intermediate=64, vocab_size=64, max_position=64).items():
         setattr(mcfg, name, value)
-    return build_composed_vlm(mcfg, IMAGE, vocab_size=64, image_token_id=3, pad_token_id=0, max_frame_slots=4).eval()
+    return build_composed_vlm(mcfg, IMAGE, chat_tokenizer, max_frame_slots=4).eval()
 
 
 def _frames(n: int, seed: int) -> torch.Tensor:
@@ -45,71 +45,84 @@ def _open(root, model, **kw) -> FeatureCache:
     return FeatureCache(root, fp, kw.pop("preprocess", _preprocess()), **kw)
 
 
-class CountingEncoder:
-    """``model.encode_images`` that records how many frames it was asked to encode."""
-
-    def __init__(self, model):
-        self.model, self.frames = model, 0
-
-    def __call__(self, pixels):
-        self.frames += pixels.shape[0]
-        return self.model.encode_images(pixels)
+def _encode(model, px: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode_images(model.prepare_frames(px))
 
 
 @pytest.mark.parametrize("dtype,store", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_cached_equals_recomputed_rounded(tmp_path, model, dtype, store):
     px = _frames(6, seed=1)
-    with torch.no_grad():
-        ref = model.encode_images(px)
+    keys = frame_keys(px)
+    ref = _encode(model, px)
     with _open(tmp_path / "c", model, dtype=dtype) as cache:
-        miss, n0 = encode_with_cache(model.encode_images, px, cache)
-        hit, n1 = encode_with_cache(model.encode_images, px, cache)
-    assert (n0, n1) == (0, 6)
-    assert ref.shape == (6, 4, 32) and hit.dtype == torch.float32
+        hits, none = cache.lookup(keys)
+        assert not hits.any() and none.shape == (0, 0, 0)  # before any put
+        assert cache.put(keys, ref) == 6
+        hits, pending = cache.lookup(keys)  # rows still in memory (shard_size 4096)
+        assert hits.all() and not list((tmp_path / "c").glob("shard-*"))
+        cache.flush()
+        hits, hit = cache.lookup(keys)  # now read back from the shard file
+    assert hits.all()
+    assert ref.shape == (6, 4, 32) and hit.dtype == torch.float32 and pending.dtype == torch.float32
     torch.testing.assert_close(hit, ref.to(store).float(), rtol=0, atol=0)
-    torch.testing.assert_close(miss, hit, rtol=0, atol=0)  # a frame's features do not depend on hit/miss
+    torch.testing.assert_close(pending, hit, rtol=0, atol=0)  # pending and on-disk rows read the same
     torch.testing.assert_close(hit, ref, **BF16_TOL)
     assert not torch.equal(hit, ref)  # the cache really rounds: the test can tell stored from raw fp32
 
 
-def test_hit_rate_and_only_misses_encoded(tmp_path, model):
+def test_hit_rate_and_stats(tmp_path, model):
     old, new = _frames(5, seed=2), _frames(3, seed=3)
-    enc = CountingEncoder(model)
+    old_keys, new_keys = frame_keys(old), frame_keys(new)
     with _open(tmp_path / "c", model, shard_size=4) as cache:
-        _, n = encode_with_cache(enc, old, cache)
-        assert (n, enc.frames) == (0, 5)
-        _, n = encode_with_cache(enc, old, cache)
-        assert (n, enc.frames) == (5, 5)
+        hits, _ = cache.lookup(old_keys)
+        assert hits.tolist() == [False] * 5
+        assert cache.put(old_keys, _encode(model, old)) == 5  # one full shard of 4 written, 1 pending
+        hits, _ = cache.lookup(old_keys)
+        assert hits.tolist() == [True] * 5
         mixed = torch.cat([new[:1], old[1:4], new[1:], old[:1]])  # 3 new + 4 old, interleaved
-        out, n = encode_with_cache(enc, mixed, cache)
-        assert (n, enc.frames) == (4, 8)
+        mixed_keys = frame_keys(mixed)
+        hits, feats = cache.lookup(mixed_keys)
+        assert hits.tolist() == [False, True, True, True, False, False, True]
+        torch.testing.assert_close(feats, _encode(model, torch.cat([old[1:4], old[:1]])).bfloat16().float(),
+                                   rtol=0, atol=0)
+        misses = [k for k, hit in zip(mixed_keys, hits.tolist()) if not hit]
+        assert misses == [new_keys[0], new_keys[1], new_keys[2]]
+        assert cache.put(misses, _encode(model, new)) == 3
         s = cache.stats
         assert (s["hits"], s["misses"], s["entries"]) == (9, 8, 8)
         assert s["hit_rate"] == pytest.approx(9 / 17)
         assert s["bytes"] > 0  # two full shards of 4 rows are on disk
-        with torch.no_grad():
-            torch.testing.assert_close(out, model.encode_images(mixed).bfloat16().float(), rtol=0, atol=0)
+        assert len(list((tmp_path / "c").glob("shard-*.safetensors"))) == 2
+        hits, out = cache.lookup(mixed_keys)
+        assert hits.all()
+        torch.testing.assert_close(out, _encode(model, mixed).bfloat16().float(), rtol=0, atol=0)
 
 
-def test_duplicate_frames_in_one_batch_encoded_once(tmp_path, model):
+def test_duplicate_keys_stored_once_and_looked_up_repeatedly(tmp_path, model):
     px = _frames(2, seed=4)
     batch = torch.stack([px[0], px[1], px[0], px[0]])
-    enc = CountingEncoder(model)
+    keys = frame_keys(batch)
     with _open(tmp_path / "c", model) as cache:
-        out, n = encode_with_cache(enc, batch, cache)
-        assert (n, enc.frames, cache.stats["entries"]) == (0, 2, 2)
+        assert cache.put(keys, _encode(model, batch)) == 2
+        assert cache.stats["entries"] == 2
+        hits, out = cache.lookup(keys)
+        assert hits.all() and out.shape == (4, 4, 32)
         torch.testing.assert_close(out[2], out[0], rtol=0, atol=0)
+        torch.testing.assert_close(out[3], out[0], rtol=0, atol=0)
         assert not torch.equal(out[0], out[1])
 
 
 def test_reopen_reads_same_features_from_disk(tmp_path, model):
     px = _frames(7, seed=5)
+    keys = frame_keys(px)
     with _open(tmp_path / "c", model, shard_size=3) as cache:
-        first, _ = encode_with_cache(model.encode_images, px, cache)
+        cache.put(keys, _encode(model, px))
+        _, first = cache.lookup(keys)
+    torch.testing.assert_close(first, _encode(model, px).bfloat16().float(), rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "c").glob("shard-*")) == [
         "shard-000000.safetensors", "shard-000001.safetensors", "shard-000002.safetensors"]  # 3 + 3 + 1 rows
     reopened = _open(tmp_path / "c", model, shard_size=3)
-    keys = frame_keys(px)
     hits, feats = reopened.lookup(keys[::-1])  # any order, across shards
     assert hits.all()
     torch.testing.assert_close(feats, first.flip(0), rtol=0, atol=0)
@@ -126,7 +139,8 @@ def test_reopen_reads_same_features_from_disk(tmp_path, model):
 def test_changed_weight_or_preprocessing_is_refused(tmp_path, model):
     root = tmp_path / "c"
     with _open(root, model) as cache:
-        encode_with_cache(model.encode_images, _frames(2, seed=6), cache)
+        px = _frames(2, seed=6)
+        cache.put(frame_keys(px), _encode(model, px))
     changed = copy.deepcopy(model)
     with torch.no_grad():
         fc1 = next(p for n, p in changed.vision.named_parameters() if n.endswith("layers.0.mlp.fc1.weight"))
@@ -172,7 +186,7 @@ def test_crash_mid_shard_leaves_index_consistent(tmp_path, model):
     px = _frames(6, seed=7)
     keys = frame_keys(px)
     with torch.no_grad():
-        feats = model.encode_images(px)
+        feats = model.encode_images(model.prepare_frames(px))
     cache = _open(root, model, shard_size=4)
     cache.put(keys, feats)  # 4 rows reach a shard, 2 stay pending: then the process "dies"
     (root / "shard-000001.safetensors.tmp-999").write_bytes(b"half a shard")  # interrupted write
@@ -195,7 +209,7 @@ def test_crash_before_rename_indexes_nothing(tmp_path, model, monkeypatch):
     px = _frames(3, seed=12)
     keys = frame_keys(px)
     with torch.no_grad():
-        feats = model.encode_images(px)
+        feats = model.encode_images(model.prepare_frames(px))
     cache = _open(root, model)
     cache.put(keys, feats)
 
@@ -216,7 +230,7 @@ def test_shard_renamed_but_not_indexed_is_adopted(tmp_path, model, monkeypatch):
     px = _frames(3, seed=8)
     keys = frame_keys(px)
     with torch.no_grad():
-        feats = model.encode_images(px)
+        feats = model.encode_images(model.prepare_frames(px))
     cache = _open(root, model)
     cache.put(keys, feats)
 
@@ -237,7 +251,7 @@ def test_same_key_twice_stores_one_row(tmp_path, model):
     px = _frames(2, seed=9)
     keys = frame_keys(px)
     with torch.no_grad():
-        feats = model.encode_images(px)
+        feats = model.encode_images(model.prepare_frames(px))
     with _open(tmp_path / "c", model) as cache:
         assert cache.put([keys[0], keys[0]], feats[[0, 0]]) == 1  # repeated within one call
         assert cache.put(keys[:1], feats[:1]) == 0  # pending already
@@ -267,7 +281,7 @@ def test_concurrent_reader_thread_and_writer(tmp_path, model):
     px = _frames(12, seed=11)
     keys = frame_keys(px)
     with torch.no_grad():
-        feats = model.encode_images(px)
+        feats = model.encode_images(model.prepare_frames(px))
     errors = []
     with _open(tmp_path / "c", model, shard_size=2) as cache:
         def read():
@@ -285,20 +299,3 @@ def test_concurrent_reader_thread_and_writer(tmp_path, model):
         reader.join()
         assert not errors and cache.lookup(keys)[0].all()
 
-
-def test_frame_batch_misses_selected_with_their_meta(tmp_path, model):
-    from vlmtrain.models.hf_base import FrameBatch
-
-    px = _frames(4, seed=13)
-    seen = []
-
-    def encode(fb: FrameBatch) -> torch.Tensor:
-        seen.append(fb.meta["row"].tolist())
-        return model.encode_images(fb.pixels)
-
-    with _open(tmp_path / "c", model) as cache:
-        encode_with_cache(encode, FrameBatch(px[:2], {"row": torch.arange(2)}), cache)
-        out, n = encode_with_cache(encode, FrameBatch(px, {"row": torch.arange(4)}), cache)
-    assert n == 2 and seen == [[0, 1], [2, 3]]  # only the misses, with their own meta rows
-    with torch.no_grad():
-        torch.testing.assert_close(out, model.encode_images(px).bfloat16().float(), rtol=0, atol=0)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Idefics3Processor
 
-from vlmtrain.models.hf_base import IGNORE_INDEX, Turn
+from vlmtrain.models.protocol import IGNORE_INDEX, Turn
 from vlmtrain.models.idefics3 import Idefics3Adapter
 from vlmtrain.models.tiny_idefics3 import save_tiny_idefics3
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, LlavaProcessor
 
-from vlmtrain.models.hf_base import IGNORE_INDEX, Turn
+from vlmtrain.models.protocol import IGNORE_INDEX, Turn
 from vlmtrain.models.llava import LlavaAdapter
 from vlmtrain.models.tiny_llava import TINY_PATCH, save_tiny_llava
 
@@ -167,7 +167,7 @@ def test_unreachable_trainable_are_exactly_the_parameters_without_gradients(tmp_
     through a trained LLaVA leaves without one: the layers after vision_feature_layer and post_layernorm."""
     from vlmtrain.data.loader import collate
     from vlmtrain.data.samples import TokenizedSample
-    from vlmtrain.models.hf_base import Turn
+    from vlmtrain.models.protocol import Turn
     from vlmtrain.models.registry import load_adapter
     from vlmtrain.models.tiny_llava import save_tiny_llava
     from vlmtrain.train.step import batch_loss

@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText
 
 from vlmtrain.models.export import (ExportError, checksum, export_adapter, export_merged,
                                     load_adapter_export)
-from vlmtrain.models.hf_base import IGNORE_INDEX, Turn
+from vlmtrain.models.protocol import IGNORE_INDEX, Turn
 from vlmtrain.models.idefics3 import Idefics3Adapter
 from vlmtrain.models.llava import LlavaAdapter
 from vlmtrain.models.lora import (LoraSettings, apply_lora, format_trainable, is_lora_param,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmtrain.models.hf_base import IGNORE_INDEX, Turn
+from vlmtrain.models.protocol import IGNORE_INDEX, Turn
 from vlmtrain.models.qwen_vl import ADAPTERS, QwenVLAdapter, load_qwen_vl
 from vlmtrain.models.tiny_qwen import save_tiny_qwen_vl
 

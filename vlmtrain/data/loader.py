@@ -14,8 +14,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from vlmtrain.data.samples import IGNORE_INDEX, TokenizedSample
+from vlmtrain.data.samples import TokenizedSample
 from vlmtrain.features.fingerprint import frame_keys as content_keys
+from vlmtrain.models.protocol import IGNORE_INDEX, FrameBatch
 
 
 @dataclass
@@ -41,7 +42,11 @@ class Batch:
     step_label_tokens: int = 0  # label tokens of the whole step (every rank and micro-batch): the loss normaliser
     token_ratio: float = 1.0  # max / min LLM tokens over the ranks of this step (packed plans)
     vision_ratio: float = 1.0  # max / min vision cost over the ranks of this step (packed plans)
-    extra: dict[str, Any] = field(default_factory=dict)  # inputs prepared on the loader thread (train/step.py prepare_batch: cache lookups, HF frames, MRoPE positions)
+    # Filled on the loader thread by train/step.py prepare_batch, one step ahead of the step:
+    prepared: bool = False  # the fields below are set
+    frames: Optional[FrameBatch] = None  # the model's encoder input of the frames the step encodes
+    cached: Optional[Any] = None  # features/source.py CacheLookup: which frames the feature cache holds
+    lm_positions: Optional[torch.Tensor] = None  # the model's own positions (Qwen MRoPE (3, B, L)); None: position_ids
 
     @property
     def computed_tokens(self) -> int:
@@ -115,15 +120,18 @@ class StepBuilder:
     """Step k's micro-batches for this rank: a pure function of k (the plan decides the samples).
 
     Picklable state only (samples, frame store, ids), so it runs in loader worker processes as well as
-    on a thread. ``keys``: content keys of every frame of the store (computed once at start when a
-    feature cache is on); ``hash_frames``: compute the keys per batch instead (frames decoded lazily).
+    on a thread. ``frame_keys``: give every batch the content keys of its frames (what a feature cache
+    is keyed by), the one place they are computed: once for the whole store at start when its frames
+    are in memory, per batch when they are decoded lazily (``LazyFrames``).
     """
 
     def __init__(self, samples: Sequence[TokenizedSample], frames, pad_id: int, image_id: int, plan,
-                 dedup: bool = True, keys: Optional[Sequence[str]] = None, hash_frames: bool = False):
+                 dedup: bool = True, frame_keys: bool = False):
         self.samples, self.frames, self.plan = samples, frames, plan
         self.pad_id, self.image_id, self.dedup = pad_id, image_id, dedup
-        self.keys, self.hash_frames = keys, hash_frames
+        preloaded = isinstance(frames, torch.Tensor)
+        self.keys = content_keys(frames) if frame_keys and preloaded else None
+        self.hash_frames = frame_keys and not preloaded
 
     def __call__(self, k: int) -> list[Batch]:
         """The micro-batches of the run's k-th step (k from 0)."""

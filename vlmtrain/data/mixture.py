@@ -1,4 +1,4 @@
-"""Dataset mixtures: ``name%N`` specs, a seeded selection plan, and a summary table.
+"""Dataset mixtures: a seeded selection plan and a summary table (``name%N`` specs: ``config_sources.py``).
 
 A mixture keeps ``N`` percent of each source's samples: ``N < 100`` draws a subset without
 replacement, ``N > 100`` repeats the source ``N // 100`` whole times and draws the remainder
@@ -12,44 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
     "format_mixture_table",
-    "parse_source_spec",
     "plan_mixture",
     "planned_count",
     "select_indices",
     "summarize_mixture",
 ]
-
-_PERCENT = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)$")
-
-
-def parse_source_spec(spec: str) -> tuple[str, float]:
-    """Split ``"name%N"`` into ``(name, N)``; a bare ``"name"`` means 100 %.
-
-    ``N`` is a non-negative decimal number (``50``, ``12.5``, ``250``).
-
-    Raises:
-        ValueError: empty name, more than one ``%``, or ``N`` not a number.
-    """
-    name, sep, pct = spec.strip().partition("%")
-    if not name:
-        raise ValueError(
-            f"bad source spec {spec!r}: empty dataset name (expected 'name' or 'name%N')"
-        )
-    if not sep:
-        return name, 100.0
-    if "%" in pct or not _PERCENT.match(pct):
-        raise ValueError(
-            f"bad source spec {spec!r}: expected 'name%N' with N a non-negative number, "
-            f"e.g. '{name}%50' or '{name}%250'"
-        )
-    return name, float(pct)
 
 
 def planned_count(n: int, percent: float) -> int:

@@ -8,7 +8,7 @@ the same plan without communication and a resumed run recomputes it instead of r
   vision encoder's memory while looking cheap in tokens.
 - :func:`shard_packs` deals each step's packs to ranks so that LLM tokens and vision cost are
   balanced (the slowest rank sets the step time under data parallelism).
-- :func:`pack_position_ids` and :func:`document_attention_mask` make a pack compute exactly what its
+- :func:`pack_position_ids` (and ``models/packed_attention.py``'s document masks) make a pack compute exactly what its
   documents would compute one by one (tested against separate forwards of an HF Llama).
 """
 
@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from vlmtrain.models.protocol import IGNORE_INDEX
 DEFAULT_WINDOW = 512
 # A pack whose fuller budget is below this share stays open into the next packing window.
 CARRY_BELOW_FILL = 0.75
@@ -199,27 +199,6 @@ def pack_position_ids(doc_lengths: Sequence[int]) -> torch.Tensor:
     """Position ids ``(1, L)`` that restart at 0 for every document of a pack (RoPE sees each
     document at the positions it would have alone)."""
     return torch.cat([torch.arange(int(n), dtype=torch.long) for n in doc_lengths]).unsqueeze(0)
-
-
-def document_ids(doc_lengths: Sequence[int]) -> torch.Tensor:
-    """``(L,)`` index of the document each token of a pack belongs to."""
-    return torch.repeat_interleave(torch.arange(len(doc_lengths)), torch.as_tensor(list(doc_lengths)))
-
-
-def document_attention_mask(doc_lengths: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive block-diagonal causal mask ``(1, 1, L, L)``: 0 where query i may attend key j (same
-    document, j <= i), ``-inf`` elsewhere.
-
-    Every row keeps its diagonal, so no softmax row is fully masked and ``-inf`` cannot make NaNs.
-    Transformers returns a 4D mask as-is (``masking_utils._preprocess_mask_arguments``), so this goes
-    straight into ``attention_mask`` of an HF causal LM with eager or SDPA attention. Padding at the
-    end of a pack should be passed as one more document (with IGNORE labels).
-    """
-    doc = document_ids(doc_lengths)
-    n = doc.numel()
-    allowed = (doc[:, None] == doc[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
-    mask = torch.zeros(n, n, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-    return mask[None, None]
 
 
 def pack_labels(labels_per_doc: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Conversation formats (LLaVA JSON, InternVL meta, InternVLA-N1 scenes) already yield `ConvSample`s.
 Plain VLN episodes (LeRobot VLN such as GridNav, StreamVLN) become decision samples the InternVLA-N1
 way (``build_vln_samples``: history frames + current frame, target = next action) and then a
-two-turn conversation: the user turn from the ``data.prompt`` template, the action text as answer.
-The composed model's path (``data/vln.py``) builds the very same decisions.
+two-turn conversation (``samples.decision_turns``): the user turn from the ``data.prompt`` template,
+the action text as answer. Every model family reads its data through here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vlmtrain.data.formats.internvla_n1 import read_internvla_n1
 from vlmtrain.data.formats.lerobot import VLNEpisode, iter_dataset_roots, read_lerobot_vln
 from vlmtrain.data.formats.llava_json import read_llava_json
 from vlmtrain.data.formats.streamvln import read_streamvln
-from vlmtrain.data.samples import action_text, build_vln_samples, user_prompt
+from vlmtrain.data.samples import build_vln_samples, decision_turns
 
 __all__ = ["SourceSamples", "read_source", "vln_conversations"]
 
@@ -53,7 +53,7 @@ def vln_conversations(episodes: Sequence[VLNEpisode], source: str, num_history: 
     samples = []
     for s in build_vln_samples(episodes, offsets, num_history):
         ep = episodes[s.episode]
-        turns = (("user", user_prompt(s.instruction, len(s.frames) - 1, prompt)), ("assistant", action_text(s.target)))
+        turns = tuple((t.role, t.text) for t in decision_turns(s.instruction, len(s.frames) - 1, s.target, prompt))
         samples.append(ConvSample(source, f"{ep.root.name}/episode {ep.episode_index} t={s.t}", turns,
                                   tuple(ImageRef(paths[f]) for f in s.frames)))
     return samples

@@ -23,8 +23,8 @@ are removed. Shards are never rewritten, so open read handles stay valid. One wr
 **Reads.** Each shard's data is memory-mapped once (``numpy.memmap`` at the offset the safetensors
 header gives) and a lookup reads only the requested rows, with one indexed read per shard. Features come back as float32 holding values rounded
 to the store dtype (bf16 by default): a cached feature equals the recomputed one cast to the store
-dtype and back, not the raw fp32 output. ``encode_with_cache`` rounds fresh misses the same way, so a
-frame gets identical features whether it hit or missed.
+dtype and back, not the raw fp32 output. ``vlmtrain.features.source`` rounds fresh misses the same way,
+so a frame gets identical features whether it hit or missed.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -47,8 +47,8 @@ from vlmtrain.features.fingerprint import (
     FORMAT_VERSION, cache_enabled, canonical, fingerprint_modules, frame_keys, meta_differences,
 )
 
-__all__ = ["CacheMismatchError", "FeatureCache", "encode_with_cache", "cache_enabled", "fingerprint_modules",
-           "frame_keys", "STORE_DTYPES"]
+__all__ = ["CacheMismatchError", "FeatureCache", "cache_enabled", "fingerprint_modules", "frame_keys",
+           "STORE_DTYPES"]
 
 STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.safetensors$")
@@ -349,40 +349,3 @@ class FeatureCache:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-@torch.no_grad()
-def encode_with_cache(encode_fn: Callable[[Any], torch.Tensor], frames: Any, cache: FeatureCache,
-                      ) -> tuple[torch.Tensor, int]:
-    """Features (N, K, D) float32 for ``frames``, encoding only the frames the cache lacks.
-
-    ``frames`` is a pixel tensor (N, ...) (uint8 frames of a ``Batch``) or an HF ``FrameBatch``
-    (keyed by ``.pixels``, misses taken with ``.select``); ``encode_fn`` maps a subset of the same kind
-    to features, e.g. ``model.encode_images``. Frames with equal content are encoded once. Fresh
-    features are stored, then rounded through the store dtype like the cached ones, so results do not
-    depend on hit or miss. Returns the features on the frames' device and the number of hits. Run the
-    encoder in eval mode: dropout would make the stored features random.
-    """
-    is_tensor = isinstance(frames, torch.Tensor)
-    pixels = frames if is_tensor else frames.pixels
-    keys = frame_keys(pixels)
-    hits, hit_feats = cache.lookup(keys)
-    n_hits = int(hits.sum())
-    if n_hits == len(keys):
-        return hit_feats.to(pixels.device), n_hits
-    # First occurrence of each missing key: identical frames are encoded once.
-    first: dict[str, int] = {}
-    for i, k in enumerate(keys):
-        if not hits[i] and k not in first:
-            first[k] = i
-    rows = torch.tensor(list(first.values()), dtype=torch.long, device=pixels.device)
-    subset = frames[rows] if is_tensor else frames.select(rows)
-    fresh = encode_fn(subset)
-    cache.put(list(first), fresh)
-    fresh = fresh.detach().to("cpu", cache.dtype).float()
-    out = torch.empty((len(keys), *fresh.shape[1:]), dtype=torch.float32)
-    if n_hits:
-        out[hits] = hit_feats
-    slot = {k: j for j, k in enumerate(first)}
-    miss_idx = (~hits).nonzero().flatten()
-    out[miss_idx] = fresh[torch.tensor([slot[keys[i]] for i in miss_idx.tolist()], dtype=torch.long)]
-    return out.to(pixels.device), n_hits

@@ -73,6 +73,8 @@ def frame_keys(pixels: torch.Tensor) -> list[str]:
     """
     if pixels.dim() < 2:
         raise ValueError(f"frame_keys expects (N, ...) frames, got shape {tuple(pixels.shape)}")
+    if pixels.shape[0] == 0:  # a batch without frames (text-only samples)
+        return []
     rows = pixels.detach().to("cpu").contiguous()
     header = f"{rows.dtype} {tuple(rows.shape[1:])}\n".encode()
     flat = rows.reshape(rows.shape[0], -1).view(torch.uint8).numpy()

@@ -12,11 +12,10 @@ import time
 from typing import Optional
 
 import torch
-from torch import nn
 
 from vlmtrain.features.fingerprint import frame_keys
 from vlmtrain.features.source import FeatureSource
-from vlmtrain.models.hf_base import HFVLMAdapter
+from vlmtrain.models.protocol import VLM
 
 log = logging.getLogger("vlmtrain")
 
@@ -25,7 +24,7 @@ DEFAULT_CHUNK = 256
 
 
 @torch.no_grad()
-def precompute_features(model: nn.Module, source: FeatureSource, frames, device: torch.device,
+def precompute_features(model: VLM, source: FeatureSource, frames, device: torch.device,
                         chunk: int = DEFAULT_CHUNK, limit: Optional[int] = None) -> dict:
     """Encode every frame of ``frames`` (an (N, 3, H, W) uint8 tensor or ``LazyFrames``) that the
     cache does not hold yet, in chunks of ``chunk`` frames, and store the features.
@@ -58,8 +57,7 @@ def precompute_features(model: nn.Module, source: FeatureSource, frames, device:
             if not todo:
                 continue
             sel = pixels[torch.tensor(todo)]
-            inputs = model.prepare_frames(sel) if isinstance(model, HFVLMAdapter) else sel
-            inputs = inputs.to(device)
+            inputs = model.prepare_frames(sel).to(device)
             feats = model.encode_vision(inputs) if source.split else model.encode_images(inputs)
             source.cache.put([keys[i] for i in todo], feats)
             encoded += len(todo)
@@ -71,28 +69,3 @@ def precompute_features(model: nn.Module, source: FeatureSource, frames, device:
            "entries": int(source.cache.stats["entries"]), "seconds": round(time.perf_counter() - t0, 2)}
     log.info("feature cache: %s", out)
     return out
-
-
-def fill_run_cache(cfg) -> dict:
-    """``vlmtrain cache``: build the config's model and data and fill its feature cache with every frame.
-
-    ``features.cache`` off or auto is taken as ``on`` here: a trained producer is an error that says
-    which part trains (``FeatureCacheUnavailable``)."""
-    import dataclasses
-    from pathlib import Path
-
-    from vlmtrain.features.source import open_feature_source
-    from vlmtrain.train.loop import build_model_and_data, seed_everything
-
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    model, data = build_model_and_data(cfg, out_dir, resumed=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    source = open_feature_source(dataclasses.replace(cfg.features, cache="on"), model, out_dir)
-    try:
-        counts = precompute_features(model, source, data.frames, device)
-    finally:
-        source.close()
-    return {"cache_dir": str(source.cache.root), "split": source.split, **counts}

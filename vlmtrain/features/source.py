@@ -3,8 +3,9 @@
 :class:`FeatureSource` is built once per run (``open_feature_source``) and used in two places:
 
 - ``prepare(batch)`` on the loader thread, one step ahead: looks the batch's frames up in the cache
-  (their content keys come with the batch) and, for an HF family, runs the image processor on the
-  frames the step will really encode (all of them without a cache, the misses with one);
+  (their content keys come with the batch, computed by the loader) and runs the model's
+  ``prepare_frames`` on the frames the step will really encode (all of them without a cache, the
+  misses with one);
 - ``features(model, batch, device)`` inside the step: encodes what ``prepare`` left, stores fresh
   features in the cache (the cache fills online), and — when the cache holds vision-encoder features
   of a split model — runs the (trainable) projector on all of them.
@@ -30,13 +31,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 
-from vlmtrain.features.cache import FeatureCache, cache_enabled, fingerprint_modules, frame_keys
+from vlmtrain.features.cache import FeatureCache, cache_enabled, fingerprint_modules
 from vlmtrain.features.fingerprint import PROJECTOR, VISION
-from vlmtrain.models.hf_base import HFVLMAdapter
-from vlmtrain.models.lora import is_lora_param
-from vlmtrain.train.optim import part_of
+from vlmtrain.models.parts import trained_parts
+from vlmtrain.models.protocol import VLM, FrameBatch
 
 log = logging.getLogger("vlmtrain")
 
@@ -51,15 +50,6 @@ class CacheLookup:
 
     hits: torch.Tensor  # (F,) bool
     features: torch.Tensor  # (hits, ...) float32, CPU
-
-
-def trained_parts(model: nn.Module) -> tuple[set[str], set[str]]:
-    """(parts with trainable weights, parts with trainable LoRA layers)."""
-    full, lora = set(), set()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (lora if is_lora_param(name) else full).add(part_of(model, name))
-    return full, lora
 
 
 class FeatureSource:
@@ -77,7 +67,7 @@ class FeatureSource:
         """Whether features are read from (and written to) a cache."""
         return self.cache is not None
 
-    def settle(self, model: nn.Module) -> None:
+    def settle(self, model: VLM) -> None:
         """Put the cached producers in eval mode (dropout would make stored features random); call
         after ``model.train()``."""
         if self.cache is not None:
@@ -85,39 +75,36 @@ class FeatureSource:
                 module.eval()
 
     # -- loader thread ---------------------------------------------------------------------------
-    def prepare(self, model: nn.Module, batch) -> None:
-        """Cache lookup and HF preprocessing of the frames to encode, stored in ``batch.extra``
-        (nothing for a batch without frames: ``features`` encodes a black frame for it)."""
+    def prepare(self, model: VLM, batch) -> None:
+        """Cache lookup (``batch.cached``) and the model's preprocessing of the frames to encode
+        (``batch.frames``); nothing for a batch without frames (``features`` encodes a black frame)."""
         if batch.pixels.shape[0] == 0:
             return
         todo = None
         if self.cache is not None:
-            keys = batch.frame_keys if batch.frame_keys is not None else frame_keys(batch.pixels)
-            batch.frame_keys = keys
-            hits, feats = self.cache.lookup(keys)
-            batch.extra["cached"] = CacheLookup(hits, feats)
+            if batch.frame_keys is None:
+                raise ValueError("a feature cache is on but the batch has no frame keys (the loader computes "
+                                 "them: StepBuilder(..., frame_keys=True))")
+            hits, feats = self.cache.lookup(batch.frame_keys)
+            batch.cached = CacheLookup(hits, feats)
             todo = (~hits).nonzero().flatten()
-        if isinstance(model, HFVLMAdapter):
-            pixels = batch.pixels if todo is None else batch.pixels[todo]
-            batch.extra["frames"] = model.prepare_frames(pixels)
+        batch.frames = model.prepare_frames(batch.pixels if todo is None else batch.pixels[todo])
 
     # -- inside the step -------------------------------------------------------------------------
-    def features(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, int]:
+    def features(self, model: VLM, batch, device: torch.device) -> tuple[torch.Tensor, int]:
         """Features (F, K, D) for the batch's unique frames, and how many of its frames ran through the
         encoder. A batch without frames gets one black frame's features (1, K, D) and counts 0 frames
-        (module docstring); the cache is not involved."""
+        (module docstring); the cache is not involved. ``prepare`` must have run on the batch."""
         if batch.pixels.shape[0] == 0:
             return dummy_frame_features(model, device), 0
+        frames: FrameBatch = batch.frames.to(device, non_blocking=True)
         if self.cache is None:
-            return model.encode_images(self._frames(model, batch, None, device)), int(batch.pixels.shape[0])
-        if "cached" not in batch.extra:  # a batch that skipped the loader thread
-            self.prepare(model, batch)
-        found: CacheLookup = batch.extra["cached"]
+            return model.encode_images(frames), int(batch.pixels.shape[0])
+        found: CacheLookup = batch.cached
         misses = (~found.hits).nonzero().flatten()
         out = None
         if len(misses):
             with torch.no_grad():
-                frames = self._frames(model, batch, misses, device)
                 fresh = model.encode_vision(frames) if self.split else model.encode_images(frames)
             self.cache.put([batch.frame_keys[i] for i in misses.tolist()], fresh)
             fresh = fresh.detach().to(self.cache.dtype).float()
@@ -131,18 +118,6 @@ class FeatureSource:
             out[hit_rows.to(device)] = hit_feats
         return (model.project(out) if self.split else out), len(misses)
 
-    @staticmethod
-    def _frames(model: nn.Module, batch, rows: Optional[torch.Tensor], device: torch.device):
-        """The encoder input of ``rows`` of the batch's unique frames (all when None)."""
-        if isinstance(model, HFVLMAdapter):
-            frames = batch.extra.get("frames")
-            if frames is None:
-                pixels = batch.pixels if rows is None else batch.pixels[rows.cpu()]
-                frames = model.prepare_frames(pixels)
-            return frames.to(device, non_blocking=True)
-        pixels = batch.pixels if rows is None else batch.pixels[rows.cpu()]
-        return pixels.to(device, non_blocking=True)
-
     def stats(self) -> dict[str, float]:
         """The cache's counters (empty without a cache)."""
         return self.cache.stats if self.cache is not None else {}
@@ -153,21 +128,15 @@ class FeatureSource:
             self.cache.close()
 
 
-def dummy_frame_features(model: nn.Module, device: torch.device) -> torch.Tensor:
+def dummy_frame_features(model: VLM, device: torch.device) -> torch.Tensor:
     """Visual tokens (1, K, D) of one black frame, through the model's own preprocessing and encoder:
     the features of a batch without frames (module docstring). Pass them to ``embed`` with the batch's
     empty slot list: ``embed(ids, dummy_frame_features(model, dev), slots)``."""
-    if isinstance(model, HFVLMAdapter):
-        h, w = model.frame_size
-        frames = model.prepare_frames(torch.zeros(1, 3, h, w, dtype=torch.uint8)).to(device)
-        return model.encode_images(frames)
-    size = getattr(getattr(getattr(model, "vision", None), "config", None), "image_size", None)
-    if size is None:
-        raise TypeError(f"dummy_frame_features: do not know the frame size of {type(model).__name__}")
-    return model.encode_images(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
+    h, w = model.frame_size
+    return model.encode_images(model.prepare_frames(torch.zeros(1, 3, h, w, dtype=torch.uint8)).to(device))
 
 
-def cache_decision(model: nn.Module) -> tuple[bool, bool, str]:
+def cache_decision(model: VLM) -> tuple[bool, bool, str]:
     """(cache usable, split, reason line): what a cache may hold for this model as it trains.
 
     The producers are the vision tower and the projector; a model that splits them
@@ -175,13 +144,13 @@ def cache_decision(model: nn.Module) -> tuple[bool, bool, str]:
     """
     full, lora = trained_parts(model)
     projector_changes = PROJECTOR in full or PROJECTOR in lora
-    split = bool(getattr(model, "supports_split", False)) and projector_changes
+    split = model.supports_split and projector_changes
     producers = (VISION,) if split else (VISION, PROJECTOR)
     ok, reason = cache_enabled(full, lora, producers)
     return ok, split, reason
 
 
-def open_feature_source(fcfg, model: nn.Module, output_dir: str | Path) -> FeatureSource:
+def open_feature_source(fcfg, model: VLM, output_dir: str | Path) -> FeatureSource:
     """The run's feature source from ``features.*`` (a builder: the config stops here).
 
     ``off``: no cache. ``auto``: a cache when the producers are frozen, else a log line saying why

@@ -328,18 +328,14 @@ class ModelFlops:
         return parts["total"] + projector
 
 
-def model_flops(model: nn.Module, part_fn, trained: set, lora: set, cached: bool = False,
-                split: bool = False) -> ModelFlops:
-    """:class:`ModelFlops` of a composed model (``model.lm`` / ``model.vision``) or an HF adapter
-    (``model.hf.config.text_config`` / ``vision_config``). ``part_fn(model, name)`` names a
-    parameter's part; ``trained`` / ``lora``: parts with trainable weights / trainable LoRA layers."""
-    hf = getattr(model, "hf", None)
-    text_cfg, vision_cfg = ((hf.config.text_config, hf.config.vision_config) if hf is not None
-                            else (model.lm.config, model.vision.config))
+def model_flops(model: nn.Module, trained: set, lora: set, cached: bool = False, split: bool = False) -> ModelFlops:
+    """:class:`ModelFlops` of any vlmtrain model, from its ``shape_configs()`` (text and vision
+    configs), its projector's linear layers (``part_of``) and its tokens per frame. ``trained`` /
+    ``lora``: parts with trainable weights / trainable LoRA layers."""
+    text_cfg, vision_cfg = model.shape_configs()
     projector = sum(m.weight.numel() for name, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and part_fn(model, f"{name}.weight") == "projector")
+                    if isinstance(m, nn.Linear) and model.part_of(f"{name}.weight") == "projector")
     modes = part_modes("vision" in trained or "vision" in lora, "projector" in trained or "projector" in lora,
                        "llm" in trained, vision_cached=False, lm_lora="llm" in lora)
     return ModelFlops(shape_from_hf_config(text_cfg), shape_from_hf_config(vision_cfg), projector,
-                      model.vision_patches_per_frame(), model.tokens_per_frame() if hf is not None
-                      else model.tokens_per_image(int(model.vision.config.image_size)), modes, cached, split)
+                      model.vision_patches_per_frame(), model.tokens_per_frame(0), modes, cached, split)

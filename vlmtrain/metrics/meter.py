@@ -10,8 +10,8 @@ from vlmtrain.metrics.flops import ModelFlops, mfu, tgs
 
 def step_counts(micro: Sequence[Batch], frames_encoded: int) -> dict[str, float]:
     """What one step's micro-batches hold: samples, real and computed tokens, frames, cache hits."""
-    hits = sum(int(b.extra["cached"].hits.sum()) for b in micro if "cached" in b.extra)
-    looked_up = sum(len(b.extra["cached"].hits) for b in micro if "cached" in b.extra)
+    hits = sum(int(b.cached.hits.sum()) for b in micro if b.cached is not None)
+    looked_up = sum(len(b.cached.hits) for b in micro if b.cached is not None)
     return {
         "samples": sum(b.num_samples for b in micro),
         "tokens": sum(b.num_tokens for b in micro),

@@ -1,7 +1,8 @@
 """A composed VLM (nanoVLM style): HF SigLIP vision encoder + pixel-shuffle projector + HF causal LM.
 
-It implements the three calls every vlmtrain model exposes (see ``models/protocol.py``), so frame
-de-duplication, packing and caching live outside the model.
+It implements the model protocol (``models/protocol.py``) like every HF adapter, with a tokenizer
+trained on the run's text and a minimal chat format of its own (``models/composed_chat.py``), so
+data, frame de-duplication, packing, caching, checkpoints and evaluation never ask which it is.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+from vlmtrain.models.composed_chat import ChatFormat, load_tokenizer, save_tokenizer
 from vlmtrain.models.loss import labelled_cross_entropy
 from vlmtrain.models.projector import PixelShuffleProjector
+from vlmtrain.models.protocol import Encoded, FrameBatch, Turn
 
 WEIGHTS = "model.safetensors"
 META = "vlm_config.json"
@@ -26,42 +29,78 @@ PIXEL_STD = 0.5
 
 
 class ComposedVLM(nn.Module):
-    """Vision encoder, projector and causal LM behind ``encode_images`` / ``embed`` / ``forward_lm``."""
+    """Vision encoder, projector and causal LM behind the model protocol; ``tokenizer`` is the
+    run's own (its ``<image>`` id is the image slot token)."""
+
+    family = "composed"
+    # The encoder / projector split (``encode_images = project(encode_vision(.))``) lets the feature
+    # cache store vision-encoder features while the projector still trains.
+    supports_split = True
 
     def __init__(
         self,
         vision: SiglipVisionModel,
         projector: PixelShuffleProjector,
         lm: nn.Module,
-        image_token_id: int,
+        tokenizer,
         max_frame_slots: int = 0,
         history_tokens: int = 0,
     ):
         super().__init__()
+        self.tokenizer = tokenizer
+        self.chat = ChatFormat(tokenizer, self.tokens_per_frame)
         # History frames (slot age > 0) are average-pooled to this many tokens (0: not pooled), the
         # NaVid/StreamVLN trade: the current view keeps its detail, older views stay cheap.
         self.history_tokens = history_tokens
         self.vision = vision
         self.projector = projector
         self.lm = lm
-        self.image_token_id = image_token_id
+        self.image_token_id = self.chat.image_id
+        side = int(vision.config.image_size)
+        self.frame_size = (side, side)
         # Learned embedding of a frame's age (0 = current, 1 = newest history ...): tells the LM which
         # frame is which without spending text tokens on it.
         self.frame_age = nn.Embedding(max_frame_slots, projector.out_dim) if max_frame_slots else None
         if self.frame_age is not None:
             nn.init.zeros_(self.frame_age.weight)
 
-    # The encoder / projector split (``encode_images = project(encode_vision(.))``) lets the feature
-    # cache store vision-encoder features while the projector still trains.
-    supports_split = True
+    # -- inputs ----------------------------------------------------------------------------------
+    def prepare_frames(self, pixels_NCHW: torch.Tensor) -> FrameBatch:
+        """uint8 frames (N, 3, S, S) as they are: normalisation runs on the device, in ``encode_vision``
+        (a quarter of the bytes to move)."""
+        if pixels_NCHW.dtype != torch.uint8 or pixels_NCHW.ndim != 4 or tuple(pixels_NCHW.shape[2:]) != self.frame_size:
+            raise ValueError(f"composed: prepare_frames wants uint8 (N, 3, {self.frame_size[0]}, {self.frame_size[1]}) "
+                             f"frames, got {pixels_NCHW.dtype} {tuple(pixels_NCHW.shape)}")
+        return FrameBatch(pixels_NCHW)
+
+    def tokens_per_frame(self, age: int = 0) -> int:
+        """(side / patch / shuffle)^2 tokens for the current frame; ``history_tokens`` for older ones
+        when history frames are pooled."""
+        grid = self.frame_size[0] // int(self.vision.config.patch_size)
+        k = (grid // self.projector.shuffle) ** 2
+        return self.history_tokens if age > 0 and 0 < self.history_tokens < k else k
+
+    def encode_conversation(self, turns: list[Turn]) -> Encoded:
+        """The minimal chat format of ``models/composed_chat.py``; each image slot expands to
+        ``tokens_per_frame(age)`` image tokens (the conversation's last image is the current frame)."""
+        return self.chat(turns)
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """None: the LM counts 1D positions itself."""
+        return None
+
+    def packed_position_ids(self, input_ids: torch.Tensor, doc_lengths) -> None:
+        """None: the batch's 1D positions, restarting per document, are the right ones."""
+        return None
 
     # -- the three calls -------------------------------------------------------------------------
-    def encode_images(self, pixels_NCHW: torch.Tensor) -> torch.Tensor:
-        """uint8 or float pixels (N, 3, H, W) -> visual tokens (N, K, D_lm), one row block per frame."""
-        return self.project(self.encode_vision(pixels_NCHW))
+    def encode_images(self, frames: FrameBatch) -> torch.Tensor:
+        """Frames (uint8 or float pixels (N, 3, H, W)) -> visual tokens (N, K, D_lm), one row block per frame."""
+        return self.project(self.encode_vision(frames))
 
-    def encode_vision(self, pixels_NCHW: torch.Tensor) -> torch.Tensor:
-        """Pixels (N, 3, H, W) -> vision-encoder features (N, P, D_vision), before the projector."""
+    def encode_vision(self, frames: FrameBatch) -> torch.Tensor:
+        """Frames -> vision-encoder features (N, P, D_vision), before the projector."""
+        pixels_NCHW = frames.pixels
         if pixels_NCHW.dtype == torch.uint8:
             pixels_NCHW = pixels_NCHW.float().div_(255.0)
         x = (pixels_NCHW - PIXEL_MEAN) / PIXEL_STD
@@ -131,17 +170,35 @@ class ComposedVLM(nn.Module):
                                position_ids=position_ids).last_hidden_state
         return labelled_cross_entropy(hidden, self.lm.lm_head, labels)
 
-    def next_token_logits(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits of the token after position ``last_index[b]`` of each row (B, V)."""
-        hidden = self.lm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.lm.lm_head(hidden[rows, last_index])
+    def output_embeddings(self) -> nn.Module:
+        """The LM head."""
+        return self.lm.lm_head
+
+    # -- parts -----------------------------------------------------------------------------------
+    def part_of(self, param_name: str) -> str:
+        """vision: ``vision.*``; llm: ``lm.*``; projector: the projector and the frame-age embedding.
+        Matches path components, so DDP / FSDP / compile prefixes do not matter."""
+        parts = param_name.split(".")
+        if "vision" in parts:
+            return "vision"
+        if "lm" in parts:
+            return "llm"
+        if "projector" in parts or "frame_age" in parts:
+            return "projector"
+        raise ValueError(f"composed: cannot tell which part parameter {param_name!r} belongs to")
+
+    def unreachable_trainable(self) -> list[str]:
+        """None: every parameter reaches the loss."""
+        return []
 
     # -- persistence -----------------------------------------------------------------------------
+    def save_final(self, directory: str | Path) -> None:
+        """Weights, configs and the tokenizer: everything ``from_pretrained`` needs."""
+        self.save_pretrained(directory)
+        save_tokenizer(self.tokenizer, directory)
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Weights as safetensors plus every config needed to rebuild the model."""
+        """Weights as safetensors plus every config needed to rebuild the model (not the tokenizer)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -149,7 +206,6 @@ class ComposedVLM(nn.Module):
             "lm_config": self.lm.config.to_dict(),
             "projector": {"in_dim": self.projector.in_dim, "out_dim": self.projector.out_dim,
                           "shuffle": self.projector.shuffle},
-            "image_token_id": self.image_token_id,
             "max_frame_slots": self.frame_age.num_embeddings if self.frame_age is not None else 0,
             "history_tokens": self.history_tokens,
         }
@@ -157,15 +213,17 @@ class ComposedVLM(nn.Module):
         save_model(self, str(directory / WEIGHTS))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "ComposedVLM":
-        """Rebuild from :meth:`save_pretrained` output; raises if any weight is missing or unexpected."""
+    def from_pretrained(cls, directory: str | Path, tokenizer=None) -> "ComposedVLM":
+        """Rebuild from :meth:`save_final` output (``tokenizer``: the one to use instead of the
+        directory's); raises if any weight is missing or unexpected."""
         directory = Path(directory)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(directory)
         meta = json.loads((directory / META).read_text())
         vision = SiglipVisionModel(SiglipVisionConfig(**meta["vision_config"]))
         lm_meta = dict(meta["lm_config"])
         lm_cfg = AutoConfig.for_model(lm_meta.pop("model_type"), **lm_meta)
         lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
-        model = cls(vision, PixelShuffleProjector(**meta["projector"]), lm, meta["image_token_id"],
+        model = cls(vision, PixelShuffleProjector(**meta["projector"]), lm, tokenizer,
                     meta["max_frame_slots"], meta.get("history_tokens", 0))
         load_model(model, str(directory / WEIGHTS), strict=True)
         return model
@@ -184,21 +242,14 @@ class ComposedVLM(nn.Module):
         """Patches the encoder runs per frame."""
         return (int(self.vision.config.image_size) // int(self.vision.config.patch_size)) ** 2
 
-    def tokens_per_image(self, image_size: int) -> int:
-        """Visual tokens the current frame contributes at ``image_size``."""
-        grid = image_size // self.vision.config.patch_size
-        return (grid // self.projector.shuffle) ** 2
-
-    def tokens_per_history_image(self, image_size: int) -> int:
-        """Visual tokens a history frame contributes (pooled when ``history_tokens`` is set)."""
-        k = self.tokens_per_image(image_size)
-        return self.history_tokens if 0 < self.history_tokens < k else k
+    def shape_configs(self) -> tuple:
+        """(LM config, SigLIP config)."""
+        return self.lm.config, self.vision.config
 
 
-def build_composed_vlm(
-    mcfg, image_size: int, vocab_size: int, image_token_id: int, pad_token_id: int, max_frame_slots: int
-) -> ComposedVLM:
-    """Build a randomly initialised composed VLM from a ``ModelConfig`` (configs stop here)."""
+def build_composed_vlm(mcfg, image_size: int, tokenizer, max_frame_slots: int) -> ComposedVLM:
+    """Build a randomly initialised composed VLM from a ``ModelConfig`` around ``tokenizer``
+    (configs stop here)."""
     vision_cfg = SiglipVisionConfig(
         hidden_size=mcfg.vision_hidden, intermediate_size=mcfg.vision_intermediate,
         num_hidden_layers=mcfg.vision_layers, num_attention_heads=mcfg.vision_heads,
@@ -206,15 +257,15 @@ def build_composed_vlm(
     )
     vision = SiglipVisionModel(vision_cfg)
     common = dict(
-        vocab_size=vocab_size, hidden_size=mcfg.lm_hidden, intermediate_size=mcfg.lm_intermediate,
+        vocab_size=len(tokenizer), hidden_size=mcfg.lm_hidden, intermediate_size=mcfg.lm_intermediate,
         num_hidden_layers=mcfg.lm_layers, num_attention_heads=mcfg.lm_heads,
         num_key_value_heads=mcfg.lm_kv_heads, max_position_embeddings=mcfg.max_position,
-        tie_word_embeddings=False, pad_token_id=pad_token_id,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
     )
     if mcfg.lm_arch == "qwen3":
         common["head_dim"] = mcfg.lm_hidden // mcfg.lm_heads
     lm_cfg = AutoConfig.for_model(mcfg.lm_arch, **common)
     lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
     projector = PixelShuffleProjector(mcfg.vision_hidden, mcfg.lm_hidden, mcfg.pixel_shuffle)
-    return ComposedVLM(vision, projector, lm, image_token_id, max_frame_slots if mcfg.frame_age_embedding else 0,
+    return ComposedVLM(vision, projector, lm, tokenizer, max_frame_slots if mcfg.frame_age_embedding else 0,
                        mcfg.history_tokens)

@@ -206,13 +206,15 @@ def _verify_files(directory: Path, expected: dict[str, torch.Tensor], filename: 
 
 
 def _adapter_class(qualified: str) -> type:
-    """The ``HFVLMAdapter`` subclass named in the index (only such classes are accepted)."""
-    from vlmtrain.models.hf_base import HFVLMAdapter
-
+    """The adapter class named in the index: only a vlmtrain HF adapter (an ``nn.Module`` of
+    ``vlmtrain.models`` with ``from_pretrained`` and a ``family``) is accepted."""
     module_name, _, cls_name = qualified.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, HFVLMAdapter)):
-        raise ValueError(f"{qualified!r} is not an HFVLMAdapter class")
+    cls = None
+    if module_name.startswith("vlmtrain.models."):
+        cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module) and hasattr(cls, "from_pretrained")
+            and getattr(cls, "family", "")):
+        raise ValueError(f"{qualified!r} is not a vlmtrain HF adapter class")
     return cls
 
 

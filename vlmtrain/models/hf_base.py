@@ -17,7 +17,6 @@ torchvision for Qwen-VL and SmolVLM, which vlmtrain never depends on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional, Sequence
 
@@ -25,45 +24,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-IGNORE_INDEX = -100
-IMAGE_PLACEHOLDER = "<image>"
+from vlmtrain.models.export import export_merged
+from vlmtrain.models.protocol import IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, Turn
 
-
-@dataclass(frozen=True)
-class Turn:
-    """One conversation turn; ``text`` holds one ``<image>`` placeholder per image of the turn."""
-
-    role: str  # "system" | "user" | "assistant"
-    text: str
-
-
-@dataclass
-class FrameBatch:
-    """Preprocessed frames: ``pixels`` has a leading frame axis N (indexable, de-duplicable, cacheable);
-    ``meta`` holds per-frame tensors with the same leading axis (e.g. Qwen ``image_grid_thw`` (N, 3))."""
-
-    pixels: torch.Tensor
-    meta: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def select(self, rows: torch.Tensor) -> "FrameBatch":
-        """The frames at ``rows`` (a de-duplicated subset, in that order)."""
-        return FrameBatch(self.pixels[rows], {k: v[rows] for k, v in self.meta.items()})
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "FrameBatch":
-        """The same frames on ``device`` (pixels and every meta tensor)."""
-        return FrameBatch(self.pixels.to(device, non_blocking=non_blocking),
-                          {k: v.to(device, non_blocking=non_blocking) for k, v in self.meta.items()})
-
-
-@dataclass
-class Encoded:
-    """A tokenised conversation: ``labels`` are IGNORE_INDEX except on assistant answers (and their end
-    token); ``num_images`` slots appear in token order."""
-
-    input_ids: list[int]
-    labels: list[int]
-    num_images: int
-
+__all__ = ["HFVLMAdapter", "IGNORE_INDEX", "IMAGE_PLACEHOLDER", "Encoded", "FrameBatch", "Turn"]
 
 class HFVLMAdapter(nn.Module):
     """Base of the HF adapters. Subclasses set ``family`` and implement the abstract methods.
@@ -73,7 +37,6 @@ class HFVLMAdapter(nn.Module):
     """
 
     family: ClassVar[str] = ""
-    uses_mrope: ClassVar[bool] = False
     # True when the adapter implements ``encode_vision`` + ``project`` (= ``encode_images``), so the
     # feature cache can hold vision-encoder features while the projector trains.
     supports_split: ClassVar[bool] = False
@@ -107,8 +70,8 @@ class HFVLMAdapter(nn.Module):
         frames_NHWC = pixels_NCHW.permute(0, 2, 3, 1).cpu().numpy()
         return self.preprocess([Image.fromarray(frame) for frame in frames_NHWC])
 
-    def tokens_per_frame(self) -> int:
-        """K: visual tokens one frame becomes in the LM (after merging / pixel shuffle)."""
+    def tokens_per_frame(self, age: int = 0) -> int:
+        """K: visual tokens one frame becomes in the LM (after merging / pixel shuffle), whatever its age."""
         raise NotImplementedError
 
     def encode_conversation(self, turns: Sequence[Turn]) -> Encoded:
@@ -121,9 +84,18 @@ class HFVLMAdapter(nn.Module):
         """Frames -> visual tokens (N, K, D_lm)."""
         raise NotImplementedError
 
+    def encode_vision(self, frames: FrameBatch) -> torch.Tensor:
+        """Vision-encoder features before the projector (adapters with ``supports_split``)."""
+        raise NotImplementedError(f"{self.family}: the vision tower and its projector are not split")
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Vision-encoder features -> visual tokens (adapters with ``supports_split``)."""
+        raise NotImplementedError(f"{self.family}: the vision tower and its projector are not split")
+
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor, slot_frames: torch.Tensor,
               slot_age: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings with each image slot's pad tokens replaced by ``features[slot_frames]``."""
+        """Token embeddings with each image slot's pad tokens replaced by ``features[slot_frames]``
+        (every slot has K tokens whatever its age: ``slot_age`` is not used)."""
         embeds = self.hf.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
         flat_TD = features[slot_frames].reshape(-1, features.shape[-1])
@@ -166,6 +138,22 @@ class HFVLMAdapter(nn.Module):
     def vision_patches_per_frame(self) -> int:
         """Patches the vision tower runs per frame (the vision cost unit of packing and FLOPs)."""
         raise NotImplementedError
+
+    def output_embeddings(self) -> nn.Module:
+        """The HF model's LM head (``forward_lm`` computes its logits with it)."""
+        return self.hf.get_output_embeddings()
+
+    def unreachable_trainable(self) -> list[str]:
+        """Trainable parameters no loss can reach (none, unless a family says otherwise)."""
+        return []
+
+    def shape_configs(self) -> tuple:
+        """(text config, vision config) of the wrapped HF model."""
+        return self.hf.config.text_config, self.hf.config.vision_config
+
+    def save_final(self, directory: str | Path) -> None:
+        """A plain HF checkpoint with LoRA merged (``models/export.py``), loadable by transformers."""
+        export_merged(self, directory, overwrite=True)
 
     def hf_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                 frames: FrameBatch) -> torch.Tensor:

@@ -32,7 +32,9 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, Idefics3ForConditionalGeneration
 
 from vlmtrain.models.hf_base import IMAGE_PLACEHOLDER, Encoded, FrameBatch, HFVLMAdapter, Turn
-from vlmtrain.models.llava import TokenBuffer, causal_lm_loss, part_from_name, resize_frames, special_token_id
+from vlmtrain.models.loss import labelled_cross_entropy
+from vlmtrain.models.parts import part_from_name
+from vlmtrain.models.llava import TokenBuffer, resize_frames, special_token_id
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
@@ -88,7 +90,7 @@ class Idefics3Adapter(HFVLMAdapter):
                                    return_tensors="pt")
         return FrameBatch(out["pixel_values"].reshape(len(images), 3, side, side))
 
-    def tokens_per_frame(self) -> int:
+    def tokens_per_frame(self, age: int = 0) -> int:
         """K = (frame_side / patch_size)^2 / scale_factor^2."""
         return self._k
 
@@ -137,7 +139,7 @@ class Idefics3Adapter(HFVLMAdapter):
         """Text model + lm_head; mean shifted cross-entropy over labelled tokens."""
         out = self.hf.model.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                        position_ids=position_ids, use_cache=False)
-        return causal_lm_loss(out.last_hidden_state, self.hf.lm_head, labels)
+        return labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head, labels)
 
     def hf_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                 frames: FrameBatch) -> torch.Tensor:

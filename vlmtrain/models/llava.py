@@ -27,6 +27,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalG
 
 from vlmtrain.models.hf_base import IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, HFVLMAdapter, Turn
 from vlmtrain.models.loss import labelled_cross_entropy
+from vlmtrain.models.parts import part_from_name
 
 
 # -- shared helpers ------------------------------------------------------------------------------
@@ -84,26 +85,6 @@ class TokenBuffer:
     def encoded(self, num_images: int) -> Encoded:
         """The buffer as an ``Encoded``."""
         return Encoded(input_ids=list(self.ids), labels=list(self.labels), num_images=num_images)
-
-
-def causal_lm_loss(hidden_BLD: torch.Tensor, lm_head: nn.Module, labels_BL: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, equal to HF's ``ForCausalLMLoss`` (mean over labelled targets):
-    the memory-lean loss of ``models/loss.py`` (logits only at labelled positions, in checkpointed
-    chunks when there are many; a graph-connected zero when nothing is labelled)."""
-    return labelled_cross_entropy(hidden_BLD, lm_head, labels_BL)
-
-
-def part_from_name(param_name: str, parts: dict[str, str], family: str) -> str:
-    """The part of ``param_name`` whose module name (one dotted component) appears in it.
-
-    Matching whole components keeps it working under wrappers (``hf.``, peft's ``base_model.model.``,
-    DDP's ``module.``).
-    """
-    for component in param_name.split("."):
-        if component in parts:
-            return parts[component]
-    raise ValueError(f"{family}: parameter {param_name!r} belongs to no known part "
-                     f"(expected a component among {sorted(parts)})")
 
 
 # -- the adapter ---------------------------------------------------------------------------------
@@ -166,7 +147,7 @@ class LlavaAdapter(HFVLMAdapter):
         out = self.image_processor(frames, do_resize=False, do_center_crop=False, return_tensors="pt")
         return FrameBatch(out["pixel_values"].reshape(len(images), 3, height, width))
 
-    def tokens_per_frame(self) -> int:
+    def tokens_per_frame(self, age: int = 0) -> int:
         """K: vision tokens per frame after the select strategy (the projector keeps the count)."""
         return self._k
 
@@ -218,7 +199,7 @@ class LlavaAdapter(HFVLMAdapter):
         """Language model + lm_head; mean shifted cross-entropy over labelled tokens."""
         out = self.hf.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                            position_ids=position_ids, use_cache=False)
-        return causal_lm_loss(out.last_hidden_state, self.hf.lm_head, labels)
+        return labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head, labels)
 
     def hf_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                 frames: FrameBatch) -> torch.Tensor:

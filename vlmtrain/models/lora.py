@@ -29,7 +29,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-PARTS = ("vision", "projector", "llm")
+from vlmtrain.models.parts import PARTS, is_lora_param
+
 
 # Suffixes of the linear layers LoRA targets by default, the union over the supported families:
 # LLM attention + MLP (Llama / Qwen2 / Qwen3 naming), SigLIP / Idefics3 vision attention
@@ -73,11 +74,6 @@ class LoraSettings:
             self.target_modules = tuple(self.target_modules)
             if not self.target_modules:
                 raise ValueError("LoRA target_modules is empty; use None for the defaults")
-
-
-def is_lora_param(name: str) -> bool:
-    """True for PEFT LoRA weights (``lora_A``, ``lora_B``, ``lora_embedding_*``, ``lora_magnitude_*``)."""
-    return any(component.startswith("lora_") for component in name.split("."))
 
 
 def safe_part(adapter: nn.Module, name: str) -> str:

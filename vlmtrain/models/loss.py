@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from vlmtrain.models.protocol import IGNORE_INDEX
 
 
 def labelled_cross_entropy(hidden_BLD: torch.Tensor, lm_head: nn.Module, labels_BL: torch.Tensor,

@@ -112,6 +112,45 @@ AttentionMaskInterface.register(VARLEN, varlen_mask)
 assert VARLEN in ALL_MASK_ATTENTION_FUNCTIONS
 
 
+def document_ids(doc_lengths: Sequence[int]) -> torch.Tensor:
+    """``(L,)`` index of the document each token of a pack belongs to."""
+    return torch.repeat_interleave(torch.arange(len(doc_lengths)), torch.as_tensor(list(doc_lengths)))
+
+
+def document_attention_mask(doc_lengths: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive block-diagonal causal mask ``(1, 1, L, L)``: 0 where query i may attend key j (same
+    document, j <= i), ``-inf`` elsewhere.
+
+    Every row keeps its diagonal, so no softmax row is fully masked and ``-inf`` cannot make NaNs.
+    Transformers returns a 4D mask as-is (``masking_utils._preprocess_mask_arguments``), so this goes
+    straight into ``attention_mask`` of an HF causal LM with eager or SDPA attention. Padding at the
+    end of a pack should be passed as one more document (with IGNORE labels).
+    """
+    doc = document_ids(doc_lengths)
+    n = doc.numel()
+    allowed = (doc[:, None] == doc[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+    mask = torch.zeros(n, n, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return mask[None, None]
+
+
+def packed_attention_mask(doc_lengths: Sequence[Sequence[int]], width: int, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+    """Additive (B, 1, L, L) mask of packed rows: :func:`document_attention_mask` per row, with the
+    row's padding as one more document (so no softmax row is empty)."""
+    rows = [document_attention_mask([*lengths, width - sum(lengths)], dtype) for lengths in doc_lengths]
+    return torch.cat(rows).to(device)
+
+
+def packed_attention(model: nn.Module, doc_lengths: Sequence[Sequence[int]], width: int, dtype: torch.dtype,
+                     device: torch.device) -> tuple[Optional[torch.Tensor], contextlib.AbstractContextManager]:
+    """(attention_mask, context) under which ``forward_lm`` attends per document of packed rows: no
+    mask inside :func:`packed_documents` when the model uses :data:`VARLEN` attention, else the
+    (B, 1, L, L) block-diagonal mask and no context. The one place packed rows get their attention."""
+    if uses_varlen(model):
+        return None, packed_documents(document_layout(doc_lengths, width, device))
+    return packed_attention_mask(doc_lengths, width, dtype, device), contextlib.nullcontext()
+
+
 def language_model_configs(model: nn.Module) -> list:
     """The configs of the model's language model(s): every transformers module config that is not a
     vision config (text configs of HF VLMs, the composed model's causal LM)."""

@@ -54,7 +54,6 @@ ROLES = ("system", "user", "assistant")
 class QwenVLAdapter(HFVLMAdapter):
     """What Qwen2-VL, Qwen2.5-VL and Qwen3-VL share; subclasses only name the HF class."""
 
-    uses_mrope: ClassVar[bool] = True
     hf_class: ClassVar[type] = type(None)
 
     def __init__(self, hf: torch.nn.Module, tokenizer, image_processor: Qwen2VLImageProcessorPil,
@@ -118,7 +117,7 @@ class QwenVLAdapter(HFVLMAdapter):
         pixels_NPD = out["pixel_values"].reshape(len(frames), -1, out["pixel_values"].shape[-1])
         return FrameBatch(pixels_NPD, {"image_grid_thw": out["image_grid_thw"].long()})
 
-    def tokens_per_frame(self) -> int:
+    def tokens_per_frame(self, age: int = 0) -> int:
         """K = (H / patch)(W / patch) / merge^2 visual tokens per frame."""
         h, w = self.frame_size
         return (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2

@@ -1,6 +1,9 @@
-"""Which adapter class serves which HF family, and loading one from a local model directory.
+"""Building and loading a model of any family: the only place that maps a family name to a class.
 
-The adapter modules import their HF classes, so they are imported only when a family is loaded.
+``build_model`` makes the model a run trains (the composed VLM around a tokenizer trained on the
+run's conversations, or the HF VLM in ``model.path`` behind its adapter); ``load_final`` reads back
+what ``VLM.save_final`` wrote. The adapter modules import their HF classes, so they are imported
+only when a family is loaded.
 """
 
 from __future__ import annotations
@@ -8,9 +11,15 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional, Sequence
 
+from vlmtrain.models.composed import META as COMPOSED_META
+from vlmtrain.models.composed import ComposedVLM, build_composed_vlm
+from vlmtrain.models.composed_chat import load_tokenizer, tokenizer_from_conversations
 from vlmtrain.models.hf_base import HFVLMAdapter
+from vlmtrain.models.protocol import VLM, Turn
+
+COMPOSED = "composed"  # the family built from model.* instead of loaded from model.path
 
 # family (= config.json model_type) -> "module:class" of its adapter.
 ADAPTERS: dict[str, str] = {
@@ -56,3 +65,43 @@ def load_adapter(family: str, path: str | Path, frame_size: Optional[int] = None
                          f"(set model.family={found} or auto)")
     size = (frame_size, frame_size) if frame_size else None
     return adapter_class(found).from_pretrained(path, frame_size=size)
+
+
+def build_tokenizer(mcfg, conversations: Optional[Callable[[], Iterable[Sequence[Turn]]]],
+                    saved_dir: Optional[Path] = None):
+    """The tokenizer a new model of ``model.family`` is built around, or None when the family brings
+    its own (an HF checkpoint's). Composed: the one saved in ``saved_dir`` when there is one (a
+    resumed run, the other ranks of a run), else one trained on the text of ``conversations()``
+    (None: the saved one must exist)."""
+    if mcfg.family != COMPOSED:
+        return None
+    if saved_dir is not None and (Path(saved_dir) / "tokenizer.json").is_file():
+        return load_tokenizer(saved_dir)
+    if conversations is None:
+        raise FileNotFoundError(f"{saved_dir}: no tokenizer.json (the run's tokenizer, needed to rebuild its model)")
+    return tokenizer_from_conversations(conversations, mcfg.vocab_size)
+
+
+def build_model(mcfg, image_size: int, max_frame_slots: int, tokenizer=None) -> VLM:
+    """The model a run trains, from ``model.*`` (a builder: the model config stops here).
+
+    Composed: randomly initialised (seed first) at ``image_size`` around ``tokenizer``
+    (``build_tokenizer``); ``max_frame_slots`` sizes its frame-age embedding. HF families: the
+    checkpoint in ``model.path`` at ``model.frame_size``.
+    """
+    if mcfg.family == COMPOSED:
+        if tokenizer is None:
+            raise ValueError("the composed model is built around a tokenizer: pass build_tokenizer(...)")
+        return build_composed_vlm(mcfg, image_size, tokenizer, max_frame_slots)
+    return load_adapter(mcfg.family, mcfg.path, mcfg.frame_size or None)
+
+
+def load_final(directory: str | Path, mcfg) -> VLM:
+    """The model ``save_final`` wrote into ``directory`` (a run's ``model/``), in eval mode; an HF
+    model's frames are sized as in training (``model.frame_size``)."""
+    directory = Path(directory)
+    if (directory / COMPOSED_META).is_file():
+        return ComposedVLM.from_pretrained(directory).eval()
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: no saved model (no {COMPOSED_META} or config.json)")
+    return load_adapter(mcfg.family if mcfg.family != COMPOSED else "auto", directory, mcfg.frame_size or None).eval()

@@ -34,8 +34,8 @@ from vlmtrain.config import RunConfig
 from vlmtrain.features.precompute import precompute_features
 from vlmtrain.features.source import FeatureSource, open_feature_source
 from vlmtrain.metrics.meter import StepMeter
+from vlmtrain.train.build import build_batches, build_model_and_data, device_peak, run_flops, seed_everything
 from vlmtrain.train.optim import build_optimizer, build_scheduler
-from vlmtrain.train.pipeline import build_batches, device_peak, run_flops
 from vlmtrain.train.step import PHASES, PhaseTimer, autocast_context, lm_loss, train_step
 
 log = logging.getLogger("vlmtrain")
@@ -134,8 +134,6 @@ def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[st
           warm_cache: bool = True) -> dict:
     """Benchmark ``cfg`` as described in the module docstring; returns the bench record (also written
     to ``output_dir/bench.json``)."""
-    from vlmtrain.train.loop import build_model_and_data, seed_everything  # the loop imports nothing of ours
-
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
     out_dir = Path(cfg.output_dir)
@@ -143,7 +141,7 @@ def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[st
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
-    model, data = build_model_and_data(cfg, out_dir, resumed=False)
+    model, data = build_model_and_data(cfg, out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     initial = copy.deepcopy(model.state_dict()) if compare else None

@@ -1,96 +1,234 @@
-"""Closed-loop GridNav evaluation of a trained run, next to two trivial policies.
+"""Closed-loop GridNav evaluation of a trained run, next to two trivial policies: one evaluator for
+every model family, over the model protocol.
 
-The composed model's policy lives here; HF-family runs use ``evaluate_hf.HFPolicy``."""
+The run's ``model/`` (what ``VLM.save_final`` wrote) is loaded (``models.registry.load_final``) and
+driven by :class:`VLMPolicy`, a batched policy over the simulator's episode states.
+
+**Decoding: candidate scoring.** A model answers in its own chat format with an action *text*
+(``STOP``, ``↑``, ``←``, ``→``), which its tokenizer may split into several tokens (the arrows are
+multi-byte in byte-level BPEs), followed by its end-of-answer token. Instead of sampling or greedy
+generation (which can produce text that is no action and needs a parser), every state is scored
+against all four complete answers and the policy takes the most likely one:
+
+    score(a) = log P(action_text(a) + end-of-answer | prompt, frames)
+
+summed over exactly the positions training labels (``encode_conversation``'s labels), so the score
+is the log-probability of the whole training target. Including the end token makes the four answers
+comparable whatever their token counts (a candidate cannot win by being a prefix of another), and
+the sum (not the mean) is the answer's probability, not a length-normalised proxy. Ties go to the
+lowest action id (STOP first), as ``argmax`` breaks them.
+
+The log-probabilities come from the model's own ``forward_lm`` (so Qwen MRoPE position ids, Qwen3-VL
+deepstack and the composed model's history pooling run exactly as in training): a forward hook on the
+output embedding (``output_embeddings()``) captures the logits that ``forward_lm`` computes at the
+labelled positions only, and :func:`answer_log_likelihood` turns them into per-sample sums. The loss
+``forward_lm`` returns is checked against the captured logits, so a model that stopped computing
+logits that way fails loudly instead of scoring garbage.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from vlmtrain.config import RunConfig, load_config
 from vlmtrain.data.frames import resize_array
-from vlmtrain.data.gridnav import simulate
-from vlmtrain.data.gridnav.metrics import summarize
-from vlmtrain.data.gridnav.world import make_episode
-from vlmtrain.data.samples import SampleTokenizer, history_indices
-from vlmtrain.data.tokenizer import load_tokenizer
-from vlmtrain.models.composed import ComposedVLM
-from vlmtrain.train.checkpoint import latest_checkpoint
-from vlmtrain.train.evaluate_hf import hf_policy
+from vlmtrain.data.samples import ACTION_TEXTS, decision_turns, history_indices
+from vlmtrain.envs.gridnav import simulate
+from vlmtrain.envs.gridnav.metrics import summarize
+from vlmtrain.envs.gridnav.simulate import EpisodeState
+from vlmtrain.envs.gridnav.expert import make_episode
+from vlmtrain.models.protocol import IGNORE_INDEX, VLM, Encoded
+from vlmtrain.models.registry import load_final
 
 log = logging.getLogger("vlmtrain")
 METRIC_KEYS = ("sr", "spl", "ne", "os", "ndtw")
+# States scored per LM forward; each state is len(ACTION_TEXTS) = 4 rows (one per candidate answer).
+DEFAULT_STATES_PER_FORWARD = 32
+# Frame features kept across steps (each frame of a live episode is encoded once) up to this many bytes;
+# past it, frames are encoded again when a later step shows them.
+FEATURE_BUDGET_BYTES = 2 << 30
+
+
+@torch.no_grad()
+def answer_log_likelihood(model: VLM, inputs_embeds: torch.Tensor, labels: torch.Tensor,
+                          attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-sample summed log-probability of the labelled tokens, shape (B,) (0 for a row without labels).
+
+    Takes the same inputs as ``model.forward_lm`` (unshifted labels, IGNORE_INDEX elsewhere) and runs
+    it once; a forward hook on the model's output embedding captures the logits it computes at the
+    positions whose next token is labelled (row-major, i.e. the order of ``labels[:, 1:] != -100``).
+    """
+    targets_BL = labels[:, 1:].to(inputs_embeds.device)
+    keep_BL = targets_BL != IGNORE_INDEX
+    captured: list[torch.Tensor] = []
+    handle = model.output_embeddings().register_forward_hook(lambda _m, _i, output: captured.append(output))
+    try:
+        mean_loss = model.forward_lm(inputs_embeds, labels, attention_mask=attention_mask, position_ids=position_ids)
+    finally:
+        handle.remove()
+    num_labels = int(keep_BL.sum())
+    sums_B = torch.zeros(labels.shape[0], dtype=torch.float32, device=inputs_embeds.device)
+    if num_labels == 0:
+        return sums_B
+    logits_TV = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).float() if captured else None
+    if logits_TV is None or logits_TV.shape[0] != num_labels:
+        got = 0 if logits_TV is None else logits_TV.shape[0]
+        raise RuntimeError(f"{model.family}: forward_lm computed logits at {got} positions, expected the "
+                           f"{num_labels} labelled ones; answer_log_likelihood relies on that")
+    logp_T = torch.log_softmax(logits_TV, dim=-1).gather(1, targets_BL[keep_BL].unsqueeze(1)).squeeze(1)
+    # Guard: the captured logits must be the ones forward_lm's own loss came from.
+    if not torch.allclose(-logp_T.mean(), mean_loss.float(), rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"{model.family}: captured logits give loss {float(-logp_T.mean()):.6f} but "
+                           f"forward_lm returned {float(mean_loss):.6f}")
+    rows_T = keep_BL.nonzero(as_tuple=True)[0]
+    return sums_B.index_add_(0, rows_T, logp_T)
+
+
+def pad_token_id(model: VLM) -> int:
+    """An id to right-pad rows with: pad, else eos, else 0 (never the image token, which ``embed``
+    counts); its value is irrelevant otherwise because padding is masked and unlabelled."""
+    tok = model.tokenizer
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0, 1):
+        if candidate is not None and candidate != model.image_token_id:
+            return int(candidate)
+    raise AssertionError("unreachable: 0 and 1 cannot both be the image token")
 
 
 class VLMPolicy:
-    """A trained VLM as a batched GridNav policy.
+    """A trained model of any family as a batched GridNav policy that picks actions by candidate scoring.
 
-    Each observed frame is encoded once per episode (features are kept while the episode runs); each
-    step runs one LM forward over all active episodes and picks the highest-scoring action token.
+    Each call scores the live states in chunks of ``batch_size`` states (x 4 candidate answers per LM
+    forward). Each frame an episode observes is resized to the model's frame size exactly as training
+    decodes frames (bilinear, ``data/frames.py``), goes through ``prepare_frames`` and is encoded once;
+    its features are kept while the episode runs (up to ``FEATURE_BUDGET_BYTES``) and shared by all
+    four candidates of every later state that shows it.
     """
 
-    def __init__(self, model: ComposedVLM, stok: SampleTokenizer, image_size: int, num_history: int,
-                 device: torch.device):
-        self.model, self.stok, self.size, self.num_history, self.device = model, stok, image_size, num_history, device
-        self._feats: dict[int, list[torch.Tensor]] = {}
-        self.pad_id = stok.tok.pad_token_id
-        self.action_ids = torch.tensor(stok.action_ids, device=device)
+    def __init__(self, model: VLM, num_history: int, prompt: str, device: torch.device,
+                 batch_size: int = DEFAULT_STATES_PER_FORWARD):
+        height, width = model.frame_size
+        if height != width:  # training decodes frames square (data/dataset.py) and so does resize_array
+            raise ValueError(f"{model.family}: frame size {model.frame_size} is not square")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        self.model, self.num_history, self.prompt = model, num_history, prompt
+        self.device, self.batch_size, self.size = device, batch_size, height
+        self.pad_id = pad_token_id(model)
+        self._encoded: dict[tuple[str, int], list[Encoded]] = {}
+        self._features: dict[tuple[int, int], torch.Tensor] = {}  # (episode, frame index) -> (K, D)
+        self._feature_bytes = 0
+
+    def candidates(self, instruction: str, num_history_frames: int) -> list[Encoded]:
+        """The tokenised conversation of every action answer (cached per instruction and history length)."""
+        key = (instruction, num_history_frames)
+        if key not in self._encoded:
+            encoded = [self.model.encode_conversation(list(decision_turns(instruction, num_history_frames, a, self.prompt)))
+                       for a in range(len(ACTION_TEXTS))]
+            for e in encoded:
+                if e.num_images != num_history_frames + 1:
+                    raise ValueError(f"data.prompt={self.prompt!r} gives {e.num_images} image slots for "
+                                     f"{num_history_frames + 1} frames")
+            self._encoded[key] = encoded
+        return self._encoded[key]
 
     @torch.no_grad()
-    def __call__(self, states: list) -> list[int]:
-        """One action per active episode state."""
-        new = []
-        for s in states:
-            cache = self._feats.setdefault(s.spec.index, [])
-            new.extend((s.spec.index, i) for i in range(len(cache), len(s.frames)))
-        if new:
-            by_index = {s.spec.index: s for s in states}
-            pixels = np.stack([resize_array(by_index[e].frames[i], self.size) for e, i in new])
-            feats = self.model.encode_images(torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device))
-            for (e, _), f in zip(new, feats):
-                self._feats[e].append(f)
-        rows, slot_feats, ages = [], [], []
-        for s in states:
-            t = len(s.frames) - 1
-            frames = history_indices(t, self.num_history) + [t]
-            rows.append(self.stok.prompt_ids(s.spec.instruction, len(frames) - 1))
-            slot_feats.extend(self._feats[s.spec.index][i] for i in frames)
-            ages.extend(range(len(frames) - 1, -1, -1))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        features = torch.stack(slot_feats)
-        slots = torch.arange(features.shape[0], device=self.device)
-        embeds = self.model.embed(ids, features, slots, torch.tensor(ages, device=self.device))
-        last = mask.sum(1) - 1
-        logits = self.model.next_token_logits(embeds, mask, last)
-        return logits[:, self.action_ids].argmax(-1).tolist()
+    def scores(self, states: Sequence[EpisodeState]) -> torch.Tensor:
+        """(S, 4) log-probability of each action answer for each state (column = action id), on CPU."""
+        live = {s.spec.index for s in states}
+        for key in [k for k in self._features if k[0] not in live]:  # episodes that ended
+            self._feature_bytes -= self._features.pop(key).nbytes
+        out = [self._score_chunk(states[i: i + self.batch_size]) for i in range(0, len(states), self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, len(ACTION_TEXTS))
+
+    def __call__(self, states: list[EpisodeState]) -> list[int]:
+        """One action per live episode state: the highest-scoring candidate answer."""
+        return self.scores(states).argmax(-1).tolist()
+
+    def _frame_features(self, states: Sequence[EpisodeState], shown: list[list[int]]) -> dict[tuple[int, int], torch.Tensor]:
+        """Features of every frame the chunk shows: kept ones, the rest encoded now (each once)."""
+        feats: dict[tuple[int, int], Optional[torch.Tensor]] = {}
+        todo: list[tuple[int, int]] = []
+        frames: list[np.ndarray] = []
+        for s, indices in zip(states, shown):
+            for i in indices:
+                key = (s.spec.index, i)
+                if key in feats:
+                    continue
+                feats[key] = self._features.get(key)
+                if feats[key] is None:
+                    todo.append(key)
+                    frames.append(resize_array(s.frames[i], self.size))
+        if todo:
+            pixels_NCHW = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+            fresh = self.model.encode_images(self.model.prepare_frames(pixels_NCHW).to(self.device))
+            for key, f in zip(todo, fresh):
+                feats[key] = f
+                if self._feature_bytes + f.nbytes <= FEATURE_BUDGET_BYTES:
+                    self._features[key] = f
+                    self._feature_bytes += f.nbytes
+        return feats
+
+    def _score_chunk(self, states: Sequence[EpisodeState]) -> torch.Tensor:
+        shown = [history_indices(len(s.frames) - 1, self.num_history) + [len(s.frames) - 1] for s in states]
+        feats = self._frame_features(states, shown)
+        order = list(feats)  # the chunk's unique frames, in first-use order
+        row_of = {key: r for r, key in enumerate(order)}
+        encoded: list[Encoded] = []
+        slots: list[int] = []
+        ages: list[int] = []
+        for s, indices in zip(states, shown):
+            state_slots = [row_of[(s.spec.index, i)] for i in indices]
+            for e in self.candidates(s.spec.instruction, len(indices) - 1):
+                encoded.append(e)
+                slots.extend(state_slots)
+                ages.extend(range(len(indices) - 1, -1, -1))
+        ids, labels, mask = self._pad(encoded)
+        features = torch.stack([feats[key] for key in order])
+        embeds = self.model.embed(ids, features, torch.tensor(slots, dtype=torch.long, device=self.device),
+                                  torch.tensor(ages, dtype=torch.long, device=self.device))
+        positions = self.model.position_ids(ids, mask)
+        ll = answer_log_likelihood(self.model, embeds, labels, mask, positions)
+        return ll.view(len(states), len(ACTION_TEXTS)).cpu()
+
+    def _pad(self, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, labels and attention mask on the device, as ``loader.collate`` pads."""
+        width = max(len(e.input_ids) for e in encoded)
+        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor(e.labels)
+            mask[i, :n] = 1
+        return ids.to(self.device), labels.to(self.device), mask.to(self.device)
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, ComposedVLM, SampleTokenizer]:
-    """Config, model (final weights, else the newest checkpoint) and sample tokenizer of a run."""
-    cfg = load_config(yaml_path=run_dir / "config.yaml")
-    weights = run_dir / "model"
-    if not (weights / "model.safetensors").exists():
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None:
-            raise FileNotFoundError(f"{run_dir}: no model/ and no checkpoint to evaluate")
-        weights = ckpt
-    model = ComposedVLM.from_pretrained(weights)
-    tok = load_tokenizer(run_dir / "tokenizer")
-    size = cfg.data.image_size
-    stok = SampleTokenizer(tok, model.tokens_per_image(size), cfg.data.max_length,
-                           model.tokens_per_history_image(size), cfg.data.prompt)
-    return cfg, model, stok
+def load_run_model(run_dir: Path, cfg: RunConfig) -> VLM:
+    """The run's final model (``run_dir/model``) in eval mode; frames sized as in training."""
+    model_dir = run_dir / "model"
+    try:
+        return load_final(model_dir, cfg.model)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{model_dir}: no final model to evaluate (was training interrupted?). Finish training "
+            f"(vlmtrain train with train.resume=true), or export the newest checkpoint there: "
+            f"vlmtrain export {run_dir} --merged {model_dir}") from None
+
+
+def run_policy(run_dir: Path, cfg: RunConfig, device: torch.device,
+               batch_size: int = DEFAULT_STATES_PER_FORWARD) -> VLMPolicy:
+    """The run's trained model on ``device`` as a GridNav policy (history and prompt from its config)."""
+    model = load_run_model(run_dir, cfg).to(device)
+    log.info("eval: %s model from %s, frames %s, candidate scoring of %d actions, %d states per forward",
+             model.family, run_dir / "model", model.frame_size, len(ACTION_TEXTS), batch_size)
+    return VLMPolicy(model, cfg.data.num_history, cfg.data.prompt, device, batch_size)
 
 
 def rollout_report(specs: list, policy: simulate.Policy, max_steps: int, seed: int) -> dict:
@@ -107,22 +245,13 @@ def rollout_report(specs: list, policy: simulate.Policy, max_steps: int, seed: i
 
 
 def evaluate_run(run_dir: str | Path, episodes: Optional[int] = None, seed: Optional[int] = None) -> dict:
-    """Roll the run's policy out on held-out GridNav episodes; write and return ``eval.json``.
-
-    The run config's ``model.family`` picks the policy: the composed model scores the action tokens
-    after the prompt (``VLMPolicy``); an HF family loads ``model/`` and scores the four answers
-    (``evaluate_hf.HFPolicy``). Both give the same report (``rollout_report``)."""
+    """Roll the run's policy out on held-out GridNav episodes; write and return ``eval.json``."""
     run_dir = Path(run_dir)
     cfg = load_config(yaml_path=run_dir / "config.yaml")
     n = episodes if episodes is not None else cfg.eval.episodes
     seed = seed if seed is not None else cfg.eval.seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.model.family == "composed":
-        cfg, model, stok = load_run(run_dir)
-        model.to(device).eval()
-        policy: simulate.Policy = VLMPolicy(model, stok, cfg.data.image_size, cfg.data.num_history, device)
-    else:
-        policy = hf_policy(run_dir, cfg, device)
+    policy = run_policy(run_dir, cfg, device)
     specs = [make_episode(seed, "test", i) for i in range(n)]
     report = rollout_report(specs, policy, cfg.eval.max_steps, seed)
     (run_dir / "eval.json").write_text(json.dumps(report, indent=1))

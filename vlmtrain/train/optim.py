@@ -8,33 +8,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-PARTS = ("vision", "projector", "llm")
-
-
-def part_of(model: nn.Module, name: str) -> str:
-    """The part of parameter (or module) ``name``: the model's own ``part_of`` when it has one (HF
-    adapters: LoRA weights belong to the part of the layer they wrap), else the composed model's
-    prefix rule (``vision.``, ``lm.``, everything else is the projector and frame-age embedding)."""
-    if hasattr(model, "part_of"):
-        return model.part_of(name)
-    if name.startswith("vision."):
-        return "vision"
-    if name.startswith("lm."):
-        return "llm"
-    return "projector"
-
-
-def model_parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Named parameters per part: vision encoder, projector (+ frame-age embedding), language model."""
-    parts: dict[str, list[tuple[str, nn.Parameter]]] = {p: [] for p in PARTS}
-    for name, param in model.named_parameters():
-        parts[part_of(model, name)].append((name, param))
-    return parts
-
-
-def trainable_counts(model: nn.Module) -> dict[str, int]:
-    """Trainable parameters per part (LoRA weights count in the part they adapt)."""
-    return {part: sum(p.numel() for _, p in params if p.requires_grad) for part, params in model_parts(model).items()}
+from vlmtrain.models.parts import model_parts, trainable_counts
 
 
 def apply_freeze(model: nn.Module, tcfg, also_frozen: Iterable[str] = ()) -> dict[str, int]:

@@ -16,13 +16,12 @@ from typing import Optional, Sequence, Union
 import torch
 
 from vlmtrain.data.loader import Batch
-from vlmtrain.data.packing import document_attention_mask
-from vlmtrain.dist.init import all_reduce_sum
-from vlmtrain.dist.deepspeed_engine import DeepSpeedEngine
-from vlmtrain.dist.parallelize import accumulation_context
 from vlmtrain.features.source import FeatureSource
-from vlmtrain.models.hf_base import HFVLMAdapter
-from vlmtrain.models.packed_attention import document_layout, packed_documents, uses_varlen
+from vlmtrain.models.packed_attention import packed_attention
+from vlmtrain.models.protocol import VLM
+from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine
+from vlmtrain.parallel.init import all_reduce_sum
+from vlmtrain.parallel.parallelize import accumulation_context
 
 PHASES = ("data", "vision", "lm_forward", "backward", "optimizer")
 
@@ -60,51 +59,28 @@ class PhaseTimer:
         return out
 
 
-def packed_attention_mask(doc_lengths: Sequence[Sequence[int]], width: int, dtype: torch.dtype,
-                          device: torch.device) -> torch.Tensor:
-    """Additive (B, 1, L, L) mask of packed rows: ``packing.document_attention_mask`` per row, with the
-    row's padding as one more document (so no softmax row is empty)."""
-    rows = [document_attention_mask([*lengths, width - sum(lengths)], dtype) for lengths in doc_lengths]
-    return torch.cat(rows).to(device)
-
-
-def prepare_batch(model, batch: Batch, source: FeatureSource) -> None:
-    """Loader-thread work that needs the model but no gradients: cache lookup and image preprocessing
-    (``FeatureSource.prepare``) and Qwen's MRoPE positions, stored in ``batch.extra``."""
+def prepare_batch(model: VLM, batch: Batch, source: FeatureSource) -> Batch:
+    """Loader-thread work that needs the model but no gradients, done once per batch: the feature
+    cache lookup and the model's frame preprocessing (``FeatureSource.prepare``) and the model's own
+    positions (Qwen MRoPE), into the batch's typed fields. Returns the batch."""
+    if batch.prepared:
+        return batch
     source.prepare(model, batch)
-    if getattr(model, "uses_mrope", False):
-        if batch.packed:
-            batch.extra["position_ids"] = model.packed_position_ids(batch.input_ids, batch.doc_lengths)
-        else:
-            batch.extra["position_ids"] = model.position_ids(batch.input_ids, batch.attention_mask)
-
-
-def lm_inputs(model, batch: Batch, device: torch.device, dtype: torch.dtype):
-    """(attention_mask, position_ids) for ``forward_lm``: the padding mask and the LM's own positions
-    for padded rows; for packed rows per-document positions and the (B, 1, L, L) document mask, or
-    no mask when the model attends per document (``packed_attention.enable_varlen_attention``)."""
-    positions = batch.extra.get("position_ids")
-    if positions is None and getattr(model, "uses_mrope", False):
-        prepare = model.packed_position_ids if batch.packed else None
-        positions = (prepare(batch.input_ids, batch.doc_lengths) if prepare
-                     else model.position_ids(batch.input_ids, batch.attention_mask))
-    if positions is None and batch.packed:
-        positions = batch.position_ids
-    if batch.packed and uses_varlen(model):
-        mask = None  # lm_loss runs attention per document instead of masking (models/packed_attention.py)
-    elif batch.packed:
-        mask = packed_attention_mask(batch.doc_lengths, batch.input_ids.shape[1], dtype, device)
+    if batch.packed:
+        batch.lm_positions = model.packed_position_ids(batch.input_ids, batch.doc_lengths)
     else:
-        mask = batch.attention_mask.to(device)
-    return mask, (positions.to(device) if positions is not None else None)
+        batch.lm_positions = model.position_ids(batch.input_ids, batch.attention_mask)
+    batch.prepared = True
+    return batch
 
 
-def micro_loss(model, batch: Batch, device: torch.device, source: FeatureSource,
+def micro_loss(model: VLM, batch: Batch, device: torch.device, source: FeatureSource,
                timer: Optional[PhaseTimer] = None) -> tuple[torch.Tensor, int]:
     """Mean loss of one micro-batch, and the frames its encoder ran on. A micro-batch without frames
     runs the encoder on one black frame whose features no slot uses (``FeatureSource.features``), so
     its graph has the shape of one with frames, as every data-parallel backend needs."""
     timer = timer or PhaseTimer()
+    prepare_batch(model, batch, source)  # a no-op for batches the prefetcher prepared
     with timer("vision"):
         features, encoded = source.features(model, batch, device)
     with timer("lm_forward"):
@@ -112,31 +88,32 @@ def micro_loss(model, batch: Batch, device: torch.device, source: FeatureSource,
     return loss, encoded
 
 
-def lm_loss(model, batch: Batch, features: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The language-model half of a micro-batch: ``features`` (F, K, D) of its unique frames fill the
-    image slots (``embed``), then ``forward_lm`` on padded or packed rows. ``vlmtrain bench`` times
-    this alone, on features held in memory, as the LM-only floor."""
+def lm_loss(model: VLM, batch: Batch, features: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The language-model half of a prepared micro-batch: ``features`` (F, K, D) of its unique frames
+    fill the image slots (``embed``), then ``forward_lm`` on padded rows (padding mask) or packed rows
+    (per-document attention and positions). ``vlmtrain bench`` times this alone, on features held in
+    memory, as the LM-only floor."""
     ids = batch.input_ids.to(device, non_blocking=True)
-    slots = batch.slot_frames.to(device, non_blocking=True)
-    if isinstance(model, HFVLMAdapter):
-        embeds = model.embed(ids, features, slots)
-    else:
-        embeds = model.embed(ids, features, slots, batch.slot_age.to(device, non_blocking=True))
-    mask, positions = lm_inputs(model, batch, device, embeds.dtype)
+    embeds = model.embed(ids, features, batch.slot_frames.to(device, non_blocking=True),
+                         batch.slot_age.to(device, non_blocking=True))
     labels = batch.labels.to(device, non_blocking=True)
-    if batch.packed and mask is None:  # per-document attention (models/packed_attention.py)
-        with packed_documents(document_layout(batch.doc_lengths, ids.shape[1], device)):
-            return model.forward_lm(embeds, labels, attention_mask=None, position_ids=positions)
-    return model.forward_lm(embeds, labels, attention_mask=mask, position_ids=positions)
+    positions = batch.lm_positions if batch.lm_positions is not None else batch.position_ids
+    positions = positions.to(device, non_blocking=True) if positions is not None else None
+    if not batch.packed:
+        return model.forward_lm(embeds, labels, attention_mask=batch.attention_mask.to(device), position_ids=positions)
+    mask, context = packed_attention(model, batch.doc_lengths, ids.shape[1], embeds.dtype, device)
+    with context:
+        return model.forward_lm(embeds, labels, attention_mask=mask, position_ids=positions)
 
 
-def batch_loss(model, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Mean loss of one micro-batch: encode its unique frames once, fill the slots, run the LM."""
+def batch_loss(model: VLM, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Mean loss of one micro-batch without a feature cache: encode its unique frames once, fill the
+    slots, run the LM."""
     return micro_loss(model, batch, device, FeatureSource())[0]
 
 
 def train_step(
-    model, micro_batches: Sequence[Batch], optimizer, scheduler, grad_clip: float, precision: str,
+    model: VLM, micro_batches: Sequence[Batch], optimizer, scheduler, grad_clip: float, precision: str,
     device: torch.device, source: Optional[FeatureSource] = None, timer: Optional[PhaseTimer] = None,
     world_size: int = 1, parallel: Optional[Union[torch.nn.Module, DeepSpeedEngine]] = None,
 ) -> dict[str, float]:

@@ -6,9 +6,10 @@
                     "repeat_time": 0.5, "data_augment": false, "length": 102025}, ...}
 
 Each source is read with `read_llava_json` (image paths relative to ``root``). ``repeat_time``
-becomes the source's mixture weight: `meta_mixture` keeps ``repeat_time * 100`` percent of it
-through `plan_mixture` (``< 1`` down-samples without replacement, ``> 1`` repeats whole copies and
-draws the fractional part by seeded sampling). Relative ``root`` / ``annotation`` paths are resolved
+becomes the source's mixture weight: `MetaSource.percent` is ``repeat_time * 100``, which
+``vlmtrain.data.sources`` multiplies by the configured source's percent before `plan_mixture`
+applies it (``< 1`` down-samples without replacement, ``> 1`` repeats whole copies and draws the
+fractional part by seeded sampling). Relative ``root`` / ``annotation`` paths are resolved
 against `base_dir` (default: the meta file's folder). See ``docs/data_formats.md``.
 """
 
@@ -25,9 +26,8 @@ from typing import Any
 from vlmtrain.data.conversation import ConvSample
 from vlmtrain.data.errors import DataError, ErrorPolicy
 from vlmtrain.data.formats.llava_json import read_llava_json
-from vlmtrain.data.mixture import plan_mixture
 
-__all__ = ["MetaSource", "meta_mixture", "read_internvl_meta"]
+__all__ = ["MetaSource", "read_internvl_meta"]
 
 
 @dataclass(frozen=True)
@@ -150,13 +150,3 @@ def _parse_entry(
         length,
     )
 
-
-def meta_mixture(sources: list[MetaSource], seed: int) -> list[ConvSample]:
-    """The samples a run uses: each source kept at ``repeat_time * 100`` % by `plan_mixture`."""
-    by_name = {s.name: s for s in sources}
-    if len(by_name) != len(sources):
-        raise ValueError("duplicate source names in the meta file")
-    plan = plan_mixture(
-        {s.name: len(s.samples) for s in sources}, {s.name: s.percent for s in sources}, seed
-    )
-    return [by_name[name].samples[i] for name, i in plan]

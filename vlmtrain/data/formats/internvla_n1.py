@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Sequence
@@ -48,7 +46,8 @@ from vlmtrain.data.formats.lerobot import (
     read_lerobot_vln,
     rgb_video_key,
 )
-from vlmtrain.data.mixture import parse_source_spec, select_indices
+from vlmtrain.config_sources import N1DatasetName, parse_dataset_name
+from vlmtrain.data.mixture import select_indices
 from vlmtrain.data.samples import history_indices
 
 __all__ = [
@@ -77,65 +76,6 @@ PROMPT = (
 HISTORY_PROMPT = "Earlier views: {images}. "
 LOOKDOWN_PROMPT = "Looking down: <image>. Give the waypoint in this image."
 NO_GOAL = (-1.0, -1.0)
-
-_NAME = re.compile(
-    r"^(?P<corpus>[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*?)_(?P<h>\d+)cm_(?P<p1>\d+)_(?P<p2>\d+)$"
-)
-
-
-@dataclass(frozen=True)
-class N1DatasetName:
-    """A parsed InternVLA-N1 dataset name.
-
-    Attributes:
-        name: the name without ``%N`` (used as the samples' ``source``).
-        corpus: e.g. ``r2r``, ``rxr``, ``scalevln``.
-        height_cm: camera height.
-        history_pitch: pitch (degrees down) of the history/current camera.
-        lookdown_pitch: pitch of the look-down camera.
-        percent: share of built samples to keep (100 when no ``%N``).
-    """
-
-    name: str
-    corpus: str
-    height_cm: int
-    history_pitch: int
-    lookdown_pitch: int
-    percent: float = 100.0
-
-    @property
-    def history_setting(self) -> str:
-        """Camera setting of history and current frames, e.g. ``125cm_0deg``."""
-        return f"{self.height_cm}cm_{self.history_pitch}deg"
-
-    @property
-    def lookdown_setting(self) -> str:
-        """Camera setting of the look-down frame and the goal column, e.g. ``125cm_30deg``."""
-        return f"{self.height_cm}cm_{self.lookdown_pitch}deg"
-
-
-def parse_dataset_name(spec: str) -> N1DatasetName:
-    """Parse ``<corpus>_<height>cm_<history pitch>_<look-down pitch>[%N]``.
-
-    Raises:
-        ValueError: the name does not have that form, or ``%N`` is not a number.
-    """
-    name, percent = parse_source_spec(spec)
-    match = _NAME.match(name)
-    if match is None:
-        raise ValueError(
-            f"bad InternVLA-N1 dataset name {spec!r}: expected "
-            "'<corpus>_<height>cm_<history pitch>_<look-down pitch>[%N]', e.g. 'r2r_125cm_0_30%50'"
-        )
-    return N1DatasetName(
-        name=name,
-        corpus=match["corpus"],
-        height_cm=int(match["h"]),
-        history_pitch=int(match["p1"]),
-        lookdown_pitch=int(match["p2"]),
-        percent=percent,
-    )
-
 
 def read_internvla_n1(
     path: str | PathLike[str],

@@ -1,0 +1,186 @@
+"""Builders of a run, from its config: model and data, feature source, parallel wrapper and optimizer,
+the data path (step plan -> batch builder -> prefetcher) and the FLOPs model.
+
+``train``, ``vlmtrain bench``, ``vlmtrain cache`` and ``vlmtrain export`` all build through here, so
+they measure, cache and export exactly what training runs. Configs stop here: everything below
+receives plain values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmtrain.config import ConfigError, FeaturesConfig, ParallelConfig, RunConfig
+from vlmtrain.data.dataset import TrainData, conversations_of, load_data, read_sources
+from vlmtrain.data.errors import ErrorPolicy
+from vlmtrain.data.loader import StepBuilder
+from vlmtrain.data.sampler import make_plan
+from vlmtrain.envs.gridnav.generate import write_dataset
+from vlmtrain.features.source import FeatureSource
+from vlmtrain.metrics.flops import ModelFlops, model_flops, peak_flops
+from vlmtrain.models.lora import LoraSettings, apply_lora, format_trainable
+from vlmtrain.models.packed_attention import enable_varlen_attention
+from vlmtrain.models.parts import trained_parts
+from vlmtrain.models.protocol import VLM
+from vlmtrain.models.registry import build_model as build_family_model
+from vlmtrain.models.registry import build_tokenizer
+from vlmtrain.parallel.activation_checkpointing import apply_activation_checkpointing
+from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine, deepspeed_config_from
+from vlmtrain.parallel.init import DistInfo, get_logger, is_main, main_first, on_main, rank_and_world
+from vlmtrain.parallel.parallelize import parallelize
+from vlmtrain.train.optim import apply_freeze, build_optimizer, build_scheduler
+from vlmtrain.train.prefetch import BatchPrefetcher
+from vlmtrain.train.step import prepare_batch
+
+log = logging.getLogger("vlmtrain")
+TOKENIZER_DIR = "tokenizer"  # output_dir/tokenizer: the run's tokenizer (the composed model's is trained here)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def ensure_gridnav(dcfg) -> None:
+    """Generate the GridNav training set into ``data.root`` when asked (``gridnav_episodes > 0``) and absent."""
+    root = Path(dcfg.root)
+    if dcfg.gridnav_episodes <= 0 or (root / "meta" / "info.json").exists():
+        return
+    log.info("generating %d GridNav episodes into %s", dcfg.gridnav_episodes, root)
+    write_dataset(root, episodes=dcfg.gridnav_episodes, seed=dcfg.gridnav_seed, split="train",
+                  noise_p=dcfg.gridnav_noise, detour_p=dcfg.gridnav_detour, setting=dcfg.setting)
+
+
+def lora_settings(mcfg) -> LoraSettings:
+    """``model.lora_*`` as LoRA settings (an empty target list means the default targets)."""
+    return LoraSettings(rank=mcfg.lora_rank, alpha=mcfg.lora_alpha, dropout=mcfg.lora_dropout,
+                        target_modules=tuple(mcfg.lora_targets) or None, parts=tuple(mcfg.lora_parts))
+
+
+def build_model(cfg: RunConfig, tokenizer=None) -> VLM:
+    """The model ready to train: built for ``model.family`` (``models/registry.py``; the composed model
+    around ``tokenizer``), then freezing, LoRA, activation checkpointing and per-document attention.
+
+    With LoRA, the parts in ``model.lora_parts`` are frozen first, so they train only through their
+    LoRA weights (not through full-rank embeddings and norms as well); other parts follow the
+    ``train.freeze_*`` flags.
+    """
+    m = cfg.model
+    model = build_family_model(m, cfg.data.image_size, cfg.data.num_history + 1, tokenizer)
+    apply_freeze(model, cfg.train, also_frozen=m.lora_parts if m.lora else ())
+    if m.lora:
+        log.info("LoRA: %s", format_trainable(apply_lora(model, lora_settings(m))))
+    apply_activation_checkpointing(model, cfg.train.grad_checkpointing)
+    if cfg.data.packing and cfg.data.packed_attention == "varlen":
+        enable_varlen_attention(model)
+    return model
+
+
+def run_tokenizer(cfg: RunConfig, out: Path, resumed: bool, sources) -> Any:
+    """The tokenizer the run's model is built around (None when the model brings its own): rank 0
+    builds it (a composed model's is trained on the data, or reloaded on resume) and saves it to
+    ``output_dir/tokenizer``; the other ranks then load that one, so every rank has the same
+    vocabulary and model."""
+    with main_first():
+        saved = out / TOKENIZER_DIR if resumed or not is_main() else None
+        tokenizer = build_tokenizer(cfg.model, conversations_of(sources), saved)
+        if tokenizer is not None:
+            on_main(tokenizer.save_pretrained, str(out / TOKENIZER_DIR))
+    return tokenizer
+
+
+def build_model_and_data(cfg: RunConfig, out: Path, resumed: bool = False) -> tuple[VLM, TrainData]:
+    """The run's model and data, one path for every family: read the sources (GridNav generated first
+    when asked), build the model (around the run's tokenizer when it has one), then tokenize the
+    samples in the model's chat format and decode the frames at its frame size."""
+    ensure_gridnav(cfg.data)
+    policy = ErrorPolicy(cfg.data.on_error)
+    sources = read_sources(cfg.data, policy, cfg.seed)
+    model = build_model(cfg, run_tokenizer(cfg, out, resumed, sources))
+    return model, load_data(cfg.data, model, cfg.seed, sources, policy)
+
+
+def rank_features(fcfg: FeaturesConfig, pcfg: ParallelConfig, info: DistInfo, out: Path) -> FeaturesConfig:
+    """``features.*`` for this rank: a feature cache has one writer, so each rank of a multi-process
+    run keeps its own (``<cache_dir>/rank-<r>``). Under DeepSpeed ZeRO-3 there is no cache (``auto``
+    says why in the log, ``on`` is an error): ZeRO-3 gathers the vision tower's weights in its
+    forward on every rank at once, and a rank whose frames all hit its cache would skip it."""
+    if fcfg.cache == "off":
+        return fcfg
+    if pcfg.backend == "deepspeed" and pcfg.deepspeed_zero_stage == 3:
+        why = ("DeepSpeed ZeRO-3 gathers the vision tower's partitioned weights in its forward on every rank "
+               "together, and ranks could disagree on whether the tower runs (all frames cache hits on one)")
+        if fcfg.cache == "on":
+            raise ConfigError(f"features.cache=on cannot be used with parallel.deepspeed_zero_stage=3: {why}")
+        get_logger().info("feature cache off: %s", why)
+        return dataclasses.replace(fcfg, cache="off")
+    if info.world_size == 1:
+        return fcfg
+    root = Path(fcfg.cache_dir) if fcfg.cache_dir else out / "feature_cache"
+    return dataclasses.replace(fcfg, cache_dir=str(root / f"rank-{info.rank}"))
+
+
+def parallel_and_optimizer(model: VLM, cfg: RunConfig, info: DistInfo, out: Path, cached_features: bool
+                           ) -> tuple[Union[nn.Module, DeepSpeedEngine], torch.optim.Optimizer, Any]:
+    """(``model`` wrapped for ``parallel.backend``, optimizer, scheduler), built in the order the backend
+    needs (``parallel/parallelize.py``).
+
+    FSDP2 replaces the parameters by shards, so its optimizer is built after wrapping; a DeepSpeed
+    engine takes the optimizer and scheduler in, so they come first (its compiled ops go to
+    ``output_dir/torch_extensions`` unless ``TORCH_EXTENSIONS_DIR`` is set)."""
+    pcfg, precision = cfg.parallel, cfg.train.precision
+    if pcfg.backend != "deepspeed":
+        parallel = parallelize(model, pcfg, info, precision=precision, cached_features=cached_features)
+        optimizer = build_optimizer(model, cfg.optim)  # after parallelize: FSDP2 replaced the parameters by shards
+        return parallel, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    micro = max(1, cfg.train.batch_size // (cfg.train.grad_accum * info.world_size))
+    ds = deepspeed_config_from(pcfg, bf16=precision == "bf16", grad_accum=cfg.train.grad_accum,
+                               grad_clip=cfg.optim.grad_clip, micro_batch_size=micro)
+    engine = parallelize(model, pcfg, info, precision=precision, cached_features=cached_features,
+                         optimizer=optimizer, scheduler=scheduler, deepspeed=ds,
+                         extensions_dir=str(out / "torch_extensions"))
+    return engine, optimizer, scheduler
+
+
+def build_batches(cfg: RunConfig, data: TrainData, model: VLM, source: FeatureSource, start: int, end: int,
+                  dedup: bool = True, packing: Optional[bool] = None):
+    """(prefetcher of plan steps ``start .. end-1``, the plan). ``dedup=False`` / ``packing=False``
+    build the naive baseline of ``vlmtrain bench --compare naive``. Batches come with their frames'
+    content keys when a feature cache is on, and are prepared (``step.prepare_batch``) on the loader
+    thread."""
+    rank, world = rank_and_world()
+    dcfg = cfg.data if packing is None else dataclasses.replace(cfg.data, packing=packing)
+    plan = make_plan(dcfg, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank)
+    build = StepBuilder(data.samples, data.frames, data.pad_id, data.image_id, plan, dedup=dedup,
+                        frame_keys=source.uses_cache)
+    batches = BatchPrefetcher(build, start, end, workers=cfg.data.workers,
+                              prepare=lambda b: prepare_batch(model, b, source))
+    return batches, plan
+
+
+def run_flops(model: VLM, source: FeatureSource) -> Optional[ModelFlops]:
+    """The model's FLOPs model as it trains (None when its architecture has no shape rule)."""
+    trained, lora = trained_parts(model)
+    try:
+        return model_flops(model, trained, lora, cached=source.uses_cache, split=source.split)
+    except (ValueError, AttributeError):
+        return None
+
+
+def device_peak(device: torch.device, precision: str) -> Optional[float]:
+    """Dense peak FLOP/s of the training device at the run's precision (None on CPU / unknown GPUs)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops(torch.cuda.get_device_name(device), "bf16" if precision == "bf16" else "fp32")
