@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from vlmtrain.config import RunConfig, load_config, save_config, source_name_and_percent, valid_keys
+from vlmtrain.config import RunConfig, flatten, load_config, save_config, source_name_and_percent, valid_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -58,21 +58,12 @@ def test_example_key_values(path):
     assert dict(source_name_and_percent(s) for s in cfg.data.sources) == percents
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_example_sets_what_the_file_says(path):
     """Every value written in the file (as PyYAML reads it) is the loaded config's value."""
-    written = _flat(yaml.safe_load(path.read_text()))
-    loaded = _flat(dataclasses.asdict(load_config(yaml_path=path)))
+    written = flatten(yaml.safe_load(path.read_text()))
+    loaded = flatten(dataclasses.asdict(load_config(yaml_path=path)))
     for key, value in written.items():
         if key == "data.sources":
             assert len(loaded[key]) == len(value)
@@ -89,7 +80,7 @@ def test_example_round_trips_through_save_config(path, tmp_path):
     again = load_config(yaml_path=tmp_path / "config.yaml")
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
     # the saved file is complete: every key is written, so it does not depend on today's defaults
-    assert set(_flat(yaml.safe_load((tmp_path / "config.yaml").read_text()))) == set(valid_keys())
+    assert set(flatten(yaml.safe_load((tmp_path / "config.yaml").read_text()))) == set(valid_keys())
 
 
 def _script():

@@ -6,20 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from vlmtrain.config import ConfigError, RunConfig, load_config
+from vlmtrain.config import ConfigError, RunConfig, flatten, load_config
 from vlmtrain.presets import PRESETS, get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def test_preset_names():
@@ -53,7 +44,7 @@ def test_presets_validate(name):
 
 def test_gridnav_preset_values():
     cfg = get_preset("gridnav")
-    flat = _flat(asdict(cfg))
+    flat = flatten(asdict(cfg))
     expected = {
         "output_dir": "runs/gridnav",          # README: vlmtrain eval runs/gridnav
         "seed": 0,
@@ -78,7 +69,7 @@ def test_gridnav_preset_values():
 
 
 def test_gridnav_tiny_differs_from_gridnav_only_in_size():
-    tiny, full = _flat(asdict(get_preset("gridnav_tiny"))), _flat(asdict(get_preset("gridnav")))
+    tiny, full = flatten(asdict(get_preset("gridnav_tiny"))), flatten(asdict(get_preset("gridnav")))
     assert {k: tiny[k] for k in tiny if tiny[k] != full[k]} == {
         "output_dir": "runs/gridnav_tiny",
         "data.root": "data/gridnav_tiny/train",
@@ -109,8 +100,8 @@ GRIDNAV_YAML_DIFFERENCES: dict = {}
 def test_gridnav_yaml_equals_preset():
     path = ROOT / "configs" / "gridnav.yaml"
     assert "the same run as `vlmtrain train --preset gridnav`" in path.read_text()
-    from_yaml = _flat(asdict(load_config(RunConfig(), yaml_path=path)))
-    preset = _flat(asdict(get_preset("gridnav")))
+    from_yaml = flatten(asdict(load_config(RunConfig(), yaml_path=path)))
+    preset = flatten(asdict(get_preset("gridnav")))
     assert from_yaml.keys() == preset.keys()
     diffs = {k: (from_yaml[k], preset[k]) for k in preset if from_yaml[k] != preset[k]}
     assert diffs == GRIDNAV_YAML_DIFFERENCES, f"configs/gridnav.yaml drifted from presets.gridnav(): {diffs}"

@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as e:
         print(f"vlmtrain: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:  # a missing run, model or data directory: the message says which
+        print(f"vlmtrain: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -184,11 +184,12 @@ def valid_keys(cfg_cls: type = RunConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}`` (lists and scalars are leaves)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -339,7 +340,7 @@ def load_config(
         loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping at the top level")
-        _check_keys(list(_flatten(loaded)), str(yaml_path))
+        _check_keys(list(flatten(loaded)), str(yaml_path))
         _check_source_items(loaded, str(yaml_path))
         layers.append((str(yaml_path), OmegaConf.create(loaded)))
     for item in overrides or []:

@@ -204,14 +204,18 @@ def test_crash_mid_shard_leaves_index_consistent(tmp_path, model):
     again.close()
 
 
-def test_crash_before_rename_indexes_nothing(tmp_path, model, monkeypatch):
-    root = tmp_path / "c"
-    px = _frames(3, seed=12)
-    keys = frame_keys(px)
-    with torch.no_grad():
-        feats = model.encode_images(model.prepare_frames(px))
+def _pending_cache(root, model, seed: int) -> tuple[FeatureCache, list[str], torch.Tensor]:
+    """A cache holding 3 fresh frames' features not yet flushed to a shard, their keys and features."""
+    px = _frames(3, seed=seed)
+    keys, feats = frame_keys(px), _encode(model, px)
     cache = _open(root, model)
     cache.put(keys, feats)
+    return cache, keys, feats
+
+
+def test_crash_before_rename_indexes_nothing(tmp_path, model, monkeypatch):
+    root = tmp_path / "c"
+    cache, keys, _ = _pending_cache(root, model, seed=12)
 
     def crash(*args):
         raise KeyboardInterrupt("killed while the shard was still a temp file")
@@ -227,12 +231,7 @@ def test_crash_before_rename_indexes_nothing(tmp_path, model, monkeypatch):
 
 def test_shard_renamed_but_not_indexed_is_adopted(tmp_path, model, monkeypatch):
     root = tmp_path / "c"
-    px = _frames(3, seed=8)
-    keys = frame_keys(px)
-    with torch.no_grad():
-        feats = model.encode_images(model.prepare_frames(px))
-    cache = _open(root, model)
-    cache.put(keys, feats)
+    cache, keys, feats = _pending_cache(root, model, seed=8)
 
     def crash(*args):
         raise KeyboardInterrupt("killed between rename and index commit")

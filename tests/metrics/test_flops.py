@@ -17,10 +17,10 @@ from vlmtrain.metrics.flops import (
     mfu,
     part_modes,
     peak_flops,
-    shape_from_hf_config,
     step_flops,
     tgs,
 )
+from vlmtrain.models.shapes import shape_from_hf_config
 
 TINY_LM = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2)

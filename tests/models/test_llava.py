@@ -1,110 +1,19 @@
-"""LLaVA adapter (SigLIP tower; Llama and Qwen2 LMs): the split three-call loss equals HF's own forward."""
+"""LLaVA adapter (SigLIP tower; Llama and Qwen2 LMs): what only this family has. The checks it shares
+with Idefics3 (the split three-call loss equals HF's own forward, labels, parts, gradients) are in
+``test_two_tower_adapters.py``."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, LlavaProcessor
+from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
 
-from vlmtrain.models.protocol import IGNORE_INDEX, Turn
+from test_two_tower_adapters import LLAVA, family_fixtures, images
 from vlmtrain.models.llava import LlavaAdapter
-from vlmtrain.models.tiny_llava import TINY_PATCH, save_tiny_llava
+from vlmtrain.models.protocol import Turn
+from vlmtrain.models.tiny_llava import TINY_PATCH
 
-# Sample 0 has 1 image, sample 1 has 3; unique frame 0 fills slots 0 and 2 (a repeated frame).
-CONVERSATIONS = [
-    [Turn("user", "<image>\nwhere is the door?"), Turn("assistant", "turn left")],
-    [Turn("system", "you are a robot"), Turn("user", "<image><image> go to the red door"),
-     Turn("assistant", "forward"), Turn("user", "now <image>?"), Turn("assistant", "stop")],
-]
-ANSWERS = [["turn left"], ["forward", "stop"]]
-SLOT_FRAMES = torch.tensor([0, 1, 0, 2])
-
-
-# (text model, vision_feature_select_strategy): both LMs, and the CLS-dropping "default" strategy once.
-VARIANTS = [("llama", "full"), ("qwen2", "full"), ("llama", "default")]
-
-
-@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{v[1]}")
-def tiny_path(request, tmp_path_factory):
-    text, strategy = request.param
-    return save_tiny_llava(tmp_path_factory.mktemp(f"tiny_llava_{text}_{strategy}"), text=text, seed=0,
-                           feature_strategy=strategy)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_path):
-    return LlavaAdapter.from_pretrained(tiny_path)
-
-
-def _images(sizes=((40, 50), (45, 50), (50, 50))) -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
-
-
-def _batch(adapter):
-    """Right-padded input_ids, labels, attention_mask of CONVERSATIONS."""
-    encoded = [adapter.encode_conversation(c) for c in CONVERSATIONS]
-    length = max(len(e.input_ids) for e in encoded)
-    pad = adapter.tokenizer.pad_token_id
-
-    def padded(rows, value):
-        return torch.tensor([r + [value] * (length - len(r)) for r in rows])
-
-    ids = padded([e.input_ids for e in encoded], pad)
-    labels = padded([e.labels for e in encoded], IGNORE_INDEX)
-    mask = padded([[1] * len(e.input_ids) for e in encoded], 0)
-    assert mask[0].sum() != mask[1].sum(), "the samples must differ in length to exercise padding"
-    return encoded, ids, labels, mask
-
-
-def _adapter_loss(adapter, slot_frames=SLOT_FRAMES):
-    _, ids, labels, mask = _batch(adapter)
-    unique = adapter.preprocess(_images())
-    features = adapter.encode_images(unique)
-    embeds = adapter.embed(ids, features, slot_frames)
-    position_ids = adapter.position_ids(ids, mask)
-    return adapter.forward_lm(embeds, labels, mask, position_ids)
-
-
-def _assert_matches_hf(adapter):
-    encoded, ids, labels, mask = _batch(adapter)
-    assert [e.num_images for e in encoded] == [1, 3]
-    unique = adapter.preprocess(_images())
-    features = adapter.encode_images(unique)
-    text_cfg = adapter.hf.config.text_config
-    assert features.shape == (3, adapter.tokens_per_frame(), text_cfg.hidden_size)
-    with torch.no_grad():
-        loss = _adapter_loss(adapter)
-        reference = adapter.hf_loss(ids, labels, mask, unique.select(SLOT_FRAMES))
-        # The images must matter, or the comparison would not test the image path at all.
-        swapped = _adapter_loss(adapter, SLOT_FRAMES.flip(0))
-    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
-    assert (swapped - reference).abs() > 1e-4
-
-
-def test_loss_matches_hf(adapter):
-    _assert_matches_hf(adapter)
-
-
-def test_labels_only_on_assistant_answers(adapter):
-    tok = adapter.tokenizer
-    for enc, answers in zip(_batch(adapter)[0], ANSWERS):
-        ids, labels = torch.tensor(enc.input_ids), torch.tensor(enc.labels)
-        labelled = labels != IGNORE_INDEX
-        assert torch.equal(labels[labelled], ids[labelled])
-        # Contiguous labelled runs, each exactly " {answer}{eos}".
-        edges = torch.diff(labelled.int(), prepend=torch.tensor([0]), append=torch.tensor([0]))
-        starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
-        runs = [tok.decode(ids[s:e].tolist()) for s, e in zip(starts, ends)]
-        assert runs == [f" {a}{tok.eos_token}" for a in answers]
-        for s in starts:  # every run follows the assistant prefix
-            prefix = tok.encode("ASSISTANT:", add_special_tokens=False)
-            assert ids[s - len(prefix):s].tolist() == prefix
-        image_positions = ids == adapter.image_token_id
-        assert int(image_positions.sum()) == enc.num_images * adapter.tokens_per_frame()
-        assert not labelled[image_positions].any()
+family, tiny_path, adapter = family_fixtures(LLAVA)
 
 
 def test_placeholders_and_pixels_match_hf_processor(adapter, tiny_path):
@@ -113,48 +22,13 @@ def test_placeholders_and_pixels_match_hf_processor(adapter, tiny_path):
         image_processor=AutoImageProcessor.from_pretrained(tiny_path, backend="pil"),
         tokenizer=AutoTokenizer.from_pretrained(tiny_path), patch_size=TINY_PATCH,
         vision_feature_select_strategy=adapter.hf.config.vision_feature_select_strategy)
-    images = _images()  # not frame-sized: the SigLIP processor resizes straight to 32x32 like we do
+    frames = images()  # not frame-sized: the SigLIP processor resizes straight to 32x32 like we do
     text = "<image> go <image>to the door"
-    ref = processor(text=[f"USER: {text}\n"], images=images[:2], return_tensors="pt")
+    ref = processor(text=[f"USER: {text}\n"], images=frames[:2], return_tensors="pt")
     enc = adapter.encode_conversation([Turn("user", text)])
     bos = [] if adapter.tokenizer.bos_token_id is None else [adapter.tokenizer.bos_token_id]
     assert enc.input_ids == bos + ref["input_ids"][0].tolist()
-    torch.testing.assert_close(adapter.preprocess(images[:2]).pixels, ref["pixel_values"])
-
-
-def test_embed_rejects_slot_mismatch(adapter):
-    _, ids, _, _ = _batch(adapter)
-    features = adapter.encode_images(adapter.preprocess(_images()))
-    with pytest.raises(ValueError, match="image-pad positions"):
-        adapter.embed(ids, features, SLOT_FRAMES[:-1])
-
-
-def test_part_of_covers_every_parameter(adapter):
-    parts = {name: adapter.part_of(name) for name, _ in adapter.named_parameters()}
-    assert set(parts.values()) == {"vision", "projector", "llm"}
-    assert parts["hf.lm_head.weight"] == "llm"
-    assert all(p == "projector" for n, p in parts.items() if ".multi_modal_projector." in n)
-    assert all(p == "vision" for n, p in parts.items() if ".vision_tower." in n)
-    with pytest.raises(ValueError):
-        adapter.part_of("hf.some_new_head.weight")
-
-
-def test_backward_reaches_all_parts(adapter):
-    adapter.zero_grad(set_to_none=True)
-    _adapter_loss(adapter).backward()
-    grads = {"vision": 0.0, "projector": 0.0, "llm": 0.0}
-    for name, param in adapter.named_parameters():
-        if param.grad is not None:
-            grads[adapter.part_of(name)] += float(param.grad.abs().sum())
-    adapter.zero_grad(set_to_none=True)
-    assert all(g > 0 for g in grads.values()), grads
-
-
-def test_tiny_checkpoint_loads_with_auto_classes(tiny_path, adapter):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
-    assert type(model) is type(adapter.hf)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
-    assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    torch.testing.assert_close(adapter.preprocess(frames[:2]).pixels, ref["pixel_values"])
 
 
 def test_frame_size_must_match_the_vision_tower(tiny_path):

@@ -35,6 +35,15 @@ def test_short_run_loss_falls_and_writes_run_dir(tiny_cfg):
     assert (out / "config.yaml").exists() and (out / "model" / "model.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000020", "step-0000030"]
 
+    # ``vlmtrain export`` rebuilds the model from config, tokenizer and the newest checkpoint (step 30,
+    # trainable tensors only): the same weights as the final model/.
+    from vlmtrain.cli import main as cli_main
+
+    assert cli_main(["export", str(out), "--merged", str(out / "exported")]) == 0
+    final, exported = load_file(out / "model" / "model.safetensors"), load_file(out / "exported" / "model.safetensors")
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
+    assert (out / "exported" / "tokenizer.json").read_text() == (out / "model" / "tokenizer.json").read_text()
+
     report = evaluate_run(out, episodes=6)
     saved = json.loads((out / "eval.json").read_text())
     assert saved == report

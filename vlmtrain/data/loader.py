@@ -80,7 +80,7 @@ def collate_rows(rows: Sequence[Sequence[TokenizedSample]], frames, pad_id: int,
         raise ValueError("unpacked rows hold exactly one sample each")
     doc_lengths = [[len(s.input_ids) for s in row] for row in rows]
     row_lengths = [sum(d) for d in doc_lengths]
-    width, b = max(row_lengths), len(rows)
+    width = max(row_lengths)
     # Rows are assembled as Python lists and converted once (one tensor call per field, not per sample).
     id_rows, label_rows, position_rows, slot_ids, ages = [], [], [], [], []
     for row, length in zip(rows, row_lengths):

@@ -43,6 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vlmtrain.durable import fsync_dir
 from vlmtrain.features.fingerprint import (
     FORMAT_VERSION, cache_enabled, canonical, fingerprint_modules, frame_keys, meta_differences,
 )
@@ -64,15 +65,6 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX): the directory entry itself must reach the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FeatureCache:
@@ -301,7 +293,7 @@ class FeatureCache:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._index_shard(sid, path, keys)
         self._shard_files[sid] = path.name
         self._pending_keys = self._pending_keys[n:]

@@ -48,25 +48,6 @@ class JsonlSink:
         self._fh.close()
 
 
-class TensorBoardSink:
-    """Scalars to TensorBoard (``pip install vlmtrain[tensorboard]``)."""
-
-    def __init__(self, logdir: str | Path):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._w = SummaryWriter(str(logdir))
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Add every numeric metric as a scalar."""
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self._w.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        """Flush and close."""
-        self._w.close()
-
-
 class NullSink:
     """What non-zero ranks get: accepts everything, writes nothing."""
 

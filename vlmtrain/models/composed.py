@@ -20,6 +20,7 @@ from vlmtrain.models.composed_chat import ChatFormat, load_tokenizer, save_token
 from vlmtrain.models.loss import labelled_cross_entropy
 from vlmtrain.models.projector import PixelShuffleProjector
 from vlmtrain.models.protocol import Encoded, FrameBatch, Turn
+from vlmtrain.models.shapes import TransformerShape, shape_from_hf_config
 
 WEIGHTS = "model.safetensors"
 META = "vlm_config.json"
@@ -242,9 +243,9 @@ class ComposedVLM(nn.Module):
         """Patches the encoder runs per frame."""
         return (int(self.vision.config.image_size) // int(self.vision.config.patch_size)) ** 2
 
-    def shape_configs(self) -> tuple:
-        """(LM config, SigLIP config)."""
-        return self.lm.config, self.vision.config
+    def transformer_shapes(self) -> tuple[TransformerShape, TransformerShape]:
+        """(causal LM, SigLIP encoder) shapes from their configs."""
+        return shape_from_hf_config(self.lm.config), shape_from_hf_config(self.vision.config)
 
 
 def build_composed_vlm(mcfg, image_size: int, tokenizer, max_frame_slots: int) -> ComposedVLM:

@@ -25,7 +25,10 @@ from PIL import Image
 from torch import nn
 
 from vlmtrain.models.export import export_merged
+from vlmtrain.models.loss import labelled_cross_entropy
+from vlmtrain.models.parts import part_from_name
 from vlmtrain.models.protocol import IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, Turn
+from vlmtrain.models.shapes import TransformerShape, shape_from_hf_config
 
 __all__ = ["HFVLMAdapter", "IGNORE_INDEX", "IMAGE_PLACEHOLDER", "Encoded", "FrameBatch", "Turn"]
 
@@ -37,6 +40,11 @@ class HFVLMAdapter(nn.Module):
     """
 
     family: ClassVar[str] = ""
+    # Two-tower families (Idefics3, LLaVA): the HF submodules (attributes of ``hf.model``) of the vision
+    # tower, the projector and the text model. The split-model methods below (``encode_images``,
+    # ``project``, ``forward_lm``, ``feature_producers``, ``part_of``) work from this table; families
+    # with another structure (Qwen-VL) override them.
+    TOWERS: ClassVar[dict[str, str]] = {}
     # True when the adapter implements ``encode_vision`` + ``project`` (= ``encode_images``), so the
     # feature cache can hold vision-encoder features while the projector trains.
     supports_split: ClassVar[bool] = False
@@ -81,16 +89,23 @@ class HFVLMAdapter(nn.Module):
 
     # -- the three calls -------------------------------------------------------------------------
     def encode_images(self, frames: FrameBatch) -> torch.Tensor:
-        """Frames -> visual tokens (N, K, D_lm)."""
-        raise NotImplementedError
+        """Frames -> visual tokens (N, K, D_lm): ``project(encode_vision(frames))``."""
+        return self.project(self.encode_vision(frames))
+
+    def _tower(self, role: str) -> nn.Module:
+        if role not in self.TOWERS:
+            raise NotImplementedError(f"{self.family}: no {role} submodule in TOWERS")
+        return getattr(self.hf.model, self.TOWERS[role])
 
     def encode_vision(self, frames: FrameBatch) -> torch.Tensor:
         """Vision-encoder features before the projector (adapters with ``supports_split``)."""
         raise NotImplementedError(f"{self.family}: the vision tower and its projector are not split")
 
-    def project(self, feats: torch.Tensor) -> torch.Tensor:
-        """Vision-encoder features -> visual tokens (adapters with ``supports_split``)."""
-        raise NotImplementedError(f"{self.family}: the vision tower and its projector are not split")
+    def project(self, feats_NPD: torch.Tensor) -> torch.Tensor:
+        """Vision-encoder features (N, P, D_vision) -> visual tokens (N, K, D_lm) through the projector."""
+        if not self.supports_split:
+            raise NotImplementedError(f"{self.family}: the vision tower and its projector are not split")
+        return self._tower("projector")(feats_NPD)
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor, slot_frames: torch.Tensor,
               slot_age: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -120,14 +135,19 @@ class HFVLMAdapter(nn.Module):
     def forward_lm(self, inputs_embeds: torch.Tensor, labels: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None,
                    position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean next-token cross-entropy over labelled positions (labels unshifted, -100 ignored).
+        """Mean next-token cross-entropy over labelled positions (labels unshifted, -100 ignored):
+        the text model, then the LM head at the labelled positions only (``models/loss.py``).
         ``attention_mask``: (B, L) padding mask, or a (B, 1, L, L) additive mask for packed rows."""
-        raise NotImplementedError
+        out = self._tower("lm")(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                position_ids=position_ids, use_cache=False)
+        return labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head, labels)
 
     # -- feature cache and FLOPs ----------------------------------------------------------------
     def feature_producers(self, split: bool) -> list[nn.Module]:
-        """Modules whose weights produce the cached features (vision tower, plus projector unless split)."""
-        raise NotImplementedError
+        """Modules whose weights produce the cached features: the vision tower, plus the projector
+        unless split."""
+        vision = self._tower("vision")
+        return [vision] if split else [vision, self._tower("projector")]
 
     def feature_preprocess(self) -> dict:
         """Everything between a decoded uint8 frame and the encoder input: family, frame size and the
@@ -147,9 +167,9 @@ class HFVLMAdapter(nn.Module):
         """Trainable parameters no loss can reach (none, unless a family says otherwise)."""
         return []
 
-    def shape_configs(self) -> tuple:
-        """(text config, vision config) of the wrapped HF model."""
-        return self.hf.config.text_config, self.hf.config.vision_config
+    def transformer_shapes(self) -> tuple[TransformerShape, TransformerShape]:
+        """(LM, vision tower) shapes from the wrapped HF model's text and vision configs."""
+        return shape_from_hf_config(self.hf.config.text_config), shape_from_hf_config(self.hf.config.vision_config)
 
     def save_final(self, directory: str | Path) -> None:
         """A plain HF checkpoint with LoRA merged (``models/export.py``), loadable by transformers."""
@@ -164,9 +184,13 @@ class HFVLMAdapter(nn.Module):
     # -- parts -----------------------------------------------------------------------------------
     @property
     def image_token_id(self) -> int:
-        """Id of the image-pad token that ``embed`` fills."""
-        raise NotImplementedError
+        """Id of the image-pad token that ``embed`` fills (``config.image_token_id``: the LM was
+        trained with it; each adapter checks its tokenizer agrees)."""
+        return int(self.hf.config.image_token_id)
 
     def part_of(self, param_name: str) -> str:
-        """Part of a parameter name of this adapter: vision, projector or llm (freeze flags, lr groups)."""
-        raise NotImplementedError
+        """Part of a parameter name of this adapter: vision, projector or llm (freeze flags, lr groups),
+        from the ``TOWERS`` submodule its name passes through (``lm_head`` is the llm's)."""
+        parts = {self.TOWERS[role]: part for role, part in (("vision", "vision"), ("projector", "projector"),
+                                                             ("lm", "llm")) if role in self.TOWERS}
+        return part_from_name(param_name, {**parts, "lm_head": "llm"}, self.family)

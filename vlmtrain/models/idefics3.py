@@ -28,12 +28,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, Idefics3ForConditionalGeneration
 
 from vlmtrain.models.hf_base import IMAGE_PLACEHOLDER, Encoded, FrameBatch, HFVLMAdapter, Turn
-from vlmtrain.models.loss import labelled_cross_entropy
-from vlmtrain.models.parts import part_from_name
 from vlmtrain.models.llava import TokenBuffer, resize_frames, special_token_id
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -46,7 +43,7 @@ class Idefics3Adapter(HFVLMAdapter):
 
     family = "idefics3"
     supports_split = True
-    _PARTS = {"vision_model": "vision", "connector": "projector", "text_model": "llm", "lm_head": "llm"}
+    TOWERS = {"vision": "vision_model", "projector": "connector", "lm": "text_model"}
 
     def __init__(self, hf: Idefics3ForConditionalGeneration, tokenizer, image_processor,
                  frame_size: tuple[int, int]):
@@ -120,26 +117,10 @@ class Idefics3Adapter(HFVLMAdapter):
         return buf.encoded(num_images)
 
     # -- the three calls -------------------------------------------------------------------------
-    def encode_images(self, frames: FrameBatch) -> torch.Tensor:
-        """Frames -> (N, K, D_lm): ``project(encode_vision(frames))``."""
-        return self.project(self.encode_vision(frames))
-
     def encode_vision(self, frames: FrameBatch) -> torch.Tensor:
         """Frames -> (N, P, D_vision): the vision model (every patch valid: frames are never padded)."""
         pixels = frames.pixels.to(device=self.hf.device, dtype=self.hf.dtype)
         return self.hf.model.vision_model(pixel_values=pixels).last_hidden_state
-
-    def project(self, hidden_NPD: torch.Tensor) -> torch.Tensor:
-        """Vision features (N, P, D_vision) -> (N, K, D_lm): the connector (pixel shuffle + projection)."""
-        return self.hf.model.connector(hidden_NPD)
-
-    def forward_lm(self, inputs_embeds: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: Optional[torch.Tensor] = None,
-                   position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Text model + lm_head; mean shifted cross-entropy over labelled tokens."""
-        out = self.hf.model.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                       position_ids=position_ids, use_cache=False)
-        return labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head, labels)
 
     def hf_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                 frames: FrameBatch) -> torch.Tensor:
@@ -167,20 +148,6 @@ class Idefics3Adapter(HFVLMAdapter):
         return out.loss
 
     # -- parts -----------------------------------------------------------------------------------
-    @property
-    def image_token_id(self) -> int:
-        """Id of the ``<image>`` token that ``embed`` fills."""
-        return int(self.hf.config.image_token_id)
-
-    def part_of(self, param_name: str) -> str:
-        """vision_model -> vision, connector -> projector, text_model/lm_head -> llm."""
-        return part_from_name(param_name, self._PARTS, self.family)
-
-    def feature_producers(self, split: bool) -> list[nn.Module]:
-        """The vision model, plus the connector unless split."""
-        model = self.hf.model
-        return [model.vision_model] if split else [model.vision_model, model.connector]
-
     def vision_patches_per_frame(self) -> int:
         """(frame side / patch)^2 patches per frame."""
         return (self.frame_size[0] // int(self.hf.config.vision_config.patch_size)) ** 2

@@ -22,12 +22,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
-from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from vlmtrain.models.hf_base import IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, HFVLMAdapter, Turn
-from vlmtrain.models.loss import labelled_cross_entropy
-from vlmtrain.models.parts import part_from_name
 
 
 # -- shared helpers ------------------------------------------------------------------------------
@@ -97,8 +94,7 @@ class LlavaAdapter(HFVLMAdapter):
 
     family = "llava"
     supports_split = True
-    _PARTS = {"vision_tower": "vision", "multi_modal_projector": "projector",
-              "language_model": "llm", "lm_head": "llm"}
+    TOWERS = {"vision": "vision_tower", "projector": "multi_modal_projector", "lm": "language_model"}
 
     def __init__(self, hf: LlavaForConditionalGeneration, tokenizer, image_processor,
                  frame_size: tuple[int, int]):
@@ -172,10 +168,6 @@ class LlavaAdapter(HFVLMAdapter):
         return buf.encoded(num_images)
 
     # -- the three calls -------------------------------------------------------------------------
-    def encode_images(self, frames: FrameBatch) -> torch.Tensor:
-        """Frames -> (N, K, D_lm): ``project(encode_vision(frames))``."""
-        return self.project(self.encode_vision(frames))
-
     def encode_vision(self, frames: FrameBatch) -> torch.Tensor:
         """Frames -> (N, K, D_vision): vision tower hidden states of ``vision_feature_layer`` (a list of
         layers is concatenated on the feature axis) after the strategy's crop, before the projector."""
@@ -189,18 +181,6 @@ class LlavaAdapter(HFVLMAdapter):
             selected = [h[:, 1:] for h in selected]
         return torch.cat(selected, dim=-1)
 
-    def project(self, feats_NKD: torch.Tensor) -> torch.Tensor:
-        """Vision features (N, K, D_vision) -> visual tokens (N, K, D_lm) through the projector."""
-        return self.hf.model.multi_modal_projector(feats_NKD)
-
-    def forward_lm(self, inputs_embeds: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: Optional[torch.Tensor] = None,
-                   position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Language model + lm_head; mean shifted cross-entropy over labelled tokens."""
-        out = self.hf.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                           position_ids=position_ids, use_cache=False)
-        return labelled_cross_entropy(out.last_hidden_state, self.hf.lm_head, labels)
-
     def hf_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                 frames: FrameBatch) -> torch.Tensor:
         """HF ``forward(...).loss``; LLaVA takes all images of the batch flat, (N, 3, H, W) in order."""
@@ -210,15 +190,6 @@ class LlavaAdapter(HFVLMAdapter):
         return out.loss
 
     # -- parts -----------------------------------------------------------------------------------
-    @property
-    def image_token_id(self) -> int:
-        """Id of the ``<image>`` token (``config.image_token_index``)."""
-        return int(self.hf.config.image_token_id)
-
-    def part_of(self, param_name: str) -> str:
-        """vision_tower -> vision, multi_modal_projector -> projector, language_model/lm_head -> llm."""
-        return part_from_name(param_name, self._PARTS, self.family)
-
     def unreachable_trainable(self) -> list[str]:
         """Trainable parameters no loss can reach: the vision encoder layers after the deepest
         ``vision_feature_layer`` (LLaVA reads the penultimate layer by default), the tower's
@@ -231,11 +202,6 @@ class LlavaAdapter(HFVLMAdapter):
         dead = tuple(f".encoder.layers.{i}." for i in range(deepest, num_layers)) + (".post_layernorm.", ".head.")
         return [name for name, p in self.named_parameters()
                 if p.requires_grad and "vision_tower" in name and any(d in name for d in dead)]
-
-    def feature_producers(self, split: bool) -> list[nn.Module]:
-        """The vision tower, plus the projector unless split."""
-        model = self.hf.model
-        return [model.vision_tower] if split else [model.vision_tower, model.multi_modal_projector]
 
     def vision_patches_per_frame(self) -> int:
         """(side / patch)^2 patches per frame (a CLIP class token is not counted)."""

@@ -102,7 +102,7 @@ class VLM(Protocol):
     def encode_vision(self, frames: FrameBatch) -> torch.Tensor:
         """Frames -> vision-encoder features before the projector (only when ``supports_split``)."""
 
-    def project(self, feats: torch.Tensor) -> torch.Tensor:
+    def project(self, feats_NPD: torch.Tensor) -> torch.Tensor:
         """Vision-encoder features -> visual tokens (only when ``supports_split``)."""
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor, slot_frames: torch.Tensor,
@@ -139,8 +139,8 @@ class VLM(Protocol):
     def feature_preprocess(self) -> dict:
         """Everything between a decoded uint8 frame and the encoder input (part of the cache identity)."""
 
-    def shape_configs(self) -> tuple[Any, Any]:
-        """(text config, vision config) of the LM and the vision tower, for the FLOPs shape rules."""
+    def transformer_shapes(self) -> tuple[Any, Any]:
+        """(LM, vision tower) ``models.shapes.TransformerShape``: what the FLOPs model counts."""
 
     def save_final(self, directory: str | Path) -> None:
         """The trained model as a self-contained directory (weights, configs, tokenizer) that

@@ -265,11 +265,6 @@ class QwenVLAdapter(HFVLMAdapter):
         return out.loss
 
     # -- parts -----------------------------------------------------------------------------------
-    @property
-    def image_token_id(self) -> int:
-        """Id of ``<|image_pad|>`` (from the model config)."""
-        return int(self.hf.config.image_token_id)
-
     def part_of(self, param_name: str) -> str:
         """vision: ``visual.*`` (patch embed, position embedding, blocks); projector: ``visual.merger``
         and Qwen3-VL's ``visual.deepstack_merger_list``; llm: ``language_model.*`` and ``lm_head``.

@@ -54,6 +54,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlmtrain.durable import fsync_dir
 from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine
 from vlmtrain.parallel.init import barrier, broadcast_object, gather_to_main, get_logger, on_main, rank_and_world
 from vlmtrain.parallel.root import unwrap
@@ -86,14 +87,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_model_state(model: nn.Module, directory: Path) -> None:
@@ -158,7 +151,7 @@ def finish_checkpoint(tmp: Path, step: int, scheduler, trainer_state: dict[str, 
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -64,6 +64,19 @@ ACTION_SYMBOLS: dict[int, str] = {0: "STOP", 1: "↑", 2: "←", 3: "→"}
 NO_ACTION = -1
 
 
+def check_actions(actions: np.ndarray, path, record, where, missing_first: str | None) -> None:
+    """Raise ``unknown_action`` (naming ``where(i)`` of the first bad entry) unless every action is
+    one of ``VALID_ACTIONS``; ``missing_first`` (e.g. ``"row 0"``): the first may be ``NO_ACTION``."""
+    bad = ~np.isin(actions, sorted(VALID_ACTIONS))
+    if missing_first is not None and len(actions) and actions[0] == NO_ACTION:
+        bad[0] = False
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        allowed = f" (-1 is allowed only at {missing_first})" if missing_first is not None else ""
+        raise DataError(path, "unknown_action", record,
+                        f"{where(i)} {int(actions[i])} is not one of {sorted(VALID_ACTIONS)}{allowed}")
+
+
 @dataclass(frozen=True, eq=False)
 class VLNEpisode:
     """One navigation episode, ready to be turned into training samples.
@@ -191,30 +204,11 @@ def _read_episode(
         )
 
     action = _int_column(table, "action", pq_path, index)
-    bad = (action < 0) | (action > 3)
-    bad[0] = not (NO_ACTION <= action[0] <= 3)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            pq_path,
-            "unknown_action",
-            index,
-            f"row {row}: action {int(action[row])} is not one of {sorted(VALID_ACTIONS)}"
-            " (-1 is allowed only at row 0)",
-        )
+    check_actions(action, pq_path, index, lambda i: f"row {i}: action", "row 0")
 
     if "expert_action" in table.column_names:
         expert = _int_column(table, "expert_action", pq_path, index)
-        bad = (expert < 0) | (expert > 3)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise DataError(
-                pq_path,
-                "unknown_action",
-                index,
-                f"row {row}: expert_action {int(expert[row])} is not one of "
-                f"{sorted(VALID_ACTIONS)}",
-            )
+        check_actions(expert, pq_path, index, lambda i: f"row {i}: expert_action", None)
         targets = expert.copy()
     else:
         targets = np.empty(n_rows, dtype=np.int64)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from vlmtrain.data.errors import DataError, ErrorPolicy
-from vlmtrain.data.formats.lerobot import STOP, VALID_ACTIONS, VLNEpisode
+from vlmtrain.data.formats.lerobot import STOP, VLNEpisode, check_actions
 
 __all__ = ["ANNOTATIONS_FILE", "FRAME_SUFFIXES", "read_streamvln", "streamvln_targets"]
 
@@ -160,18 +160,7 @@ def streamvln_targets(
         DataError: ``unknown_action`` for an id outside {0, 1, 2, 3} (``-1`` only first).
     """
     arr = np.asarray(actions, dtype=np.int64)
-    bad = ~np.isin(arr, sorted(VALID_ACTIONS))
-    if len(arr) and arr[0] == -1:
-        bad[0] = False
-    if bad.any():
-        pos = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            path,
-            "unknown_action",
-            record,
-            f"actions[{pos}] = {int(arr[pos])} is not one of {sorted(VALID_ACTIONS)}"
-            " (-1 is allowed only first)",
-        )
+    check_actions(arr, path, record, lambda i: f"actions[{i}] =", "the first")
     targets = np.empty(len(arr), dtype=np.int64)
     if arr[0] == -1:
         targets[:-1] = arr[1:]
