@@ -175,3 +175,15 @@ def test_candidate_scores_match_reference_for_the_composed_model(chat_tokenizer,
     model.save_final(tmp_path / "model")
     again = ComposedVLM.from_pretrained(tmp_path / "model").eval()
     _check_policy(again, num_history=2, prompt=RunConfig().data.prompt)
+
+
+def test_eval_of_a_run_without_final_model_is_a_one_line_error(tmp_path, capsys):
+    from vlmtrain.cli import main as cli_main
+    from vlmtrain.config import save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(RunConfig(output_dir=str(run)), run / "config.yaml")
+    assert cli_main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no final model to evaluate" in err and "vlmtrain export" in err
