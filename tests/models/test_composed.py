@@ -99,7 +99,7 @@ def test_chat_format_labels_the_answer_and_expands_slots_by_age(chat_tokenizer):
 
 def test_tokenizer_from_conversations_makes_a_closed_answer_set_single_tokens(tmp_path):
     convs = [[Turn("user", "<image> go to the red box"), Turn("assistant", a)] for a in ("STOP", "↑", "←", "→")]
-    tok = tokenizer_from_conversations(lambda: iter(convs), vocab_size=80)
+    tok = tokenizer_from_conversations(convs, vocab_size=80)
     for answer in ("STOP", "↑", "←", "→"):
         ids = tok(answer, add_special_tokens=False)["input_ids"]
         assert len(ids) == 1 and ids[0] != tok.unk_token_id

@@ -77,7 +77,7 @@ class Case:
 
 def _composed(lm_arch: str) -> Case:
     conversations = [list(decision_turns(s.instruction, len(s.frames) - 1, s.target)) for s in VLN_SAMPLES]
-    tok = tokenizer_from_conversations(lambda: iter(conversations), vocab_size=96)
+    tok = tokenizer_from_conversations(conversations, vocab_size=96)
     mcfg = ModelConfig(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64, patch_size=8,
                        pixel_shuffle=2, lm_arch=lm_arch, lm_hidden=32, lm_layers=2, lm_heads=2, lm_kv_heads=2,
                        lm_intermediate=64, max_position=256)

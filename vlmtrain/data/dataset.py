@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -62,13 +62,12 @@ class TrainData:
         }
 
 
-def conversations_of(sources: Sequence[SourceSamples]) -> Callable[[], Iterator[list[Turn]]]:
-    """A re-iterable view of every sample's turns (what the composed model's tokenizer trains on)."""
-    def turns() -> Iterator[list[Turn]]:
-        for source in sources:
-            for sample in source.samples:
-                yield [Turn(role, text) for role, text in sample.turns]
-    return turns
+def conversations_of(sources: Sequence[SourceSamples]) -> Iterator[list[Turn]]:
+    """Every sample's turns, lazily (what the composed model's tokenizer trains on; an HF family
+    never reads them)."""
+    for source in sources:
+        for sample in source.samples:
+            yield [Turn(role, text) for role, text in sample.turns]
 
 
 def source_specs(dcfg) -> list[tuple[str, str, float, str, str]]:
@@ -94,13 +93,9 @@ def read_sources(dcfg, policy: ErrorPolicy, seed: int) -> list[SourceSamples]:
     return sources
 
 
-def load_data(dcfg, model: VLM, seed: int, sources: Optional[list[SourceSamples]] = None,
-              policy: Optional[ErrorPolicy] = None) -> TrainData:
-    """Mix, tokenize and decode the configured sources for ``model`` (read here unless ``sources``,
-    from ``read_sources`` with ``policy``, are given; a builder: the data config stops here). Logs
-    the mixture table and the skipped counts."""
-    policy = policy or ErrorPolicy(dcfg.on_error)
-    sources = read_sources(dcfg, policy, seed) if sources is None else sources
+def load_data(dcfg, model: VLM, seed: int, sources: list[SourceSamples], policy: ErrorPolicy) -> TrainData:
+    """Mix, tokenize and decode ``sources`` (from ``read_sources`` with ``policy``) for ``model`` (a
+    builder: the data config stops here). Logs the mixture table and the skipped counts."""
     by_name = {s.name: s for s in sources}
     available = {s.name: len(s.samples) for s in sources}
     percents = {s.name: s.percent for s in sources}
@@ -128,13 +123,8 @@ def load_data(dcfg, model: VLM, seed: int, sources: Optional[list[SourceSamples]
                     [e for examples in policy.examples.values() for e in examples[:1]])
     planned = summarize_mixture(kept)
     table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
-    tok = model.tokenizer
-    if tok.pad_token_id is None:  # padding positions are masked; any non-image id would do, eos is the usual
-        tok.pad_token = tok.eos_token
-    if tok.pad_token_id is None or tok.pad_token_id == model.image_token_id:
-        raise ValueError(f"{model.family}: the tokenizer needs a pad (or eos) token other than the image token")
-    return TrainData([encoded[k] for k in kept], frames, int(tok.pad_token_id), int(model.image_token_id), table,
-                     policy.summary())
+    return TrainData([encoded[k] for k in kept], frames, int(model.tokenizer.pad_token_id), int(model.image_token_id),
+                     table, policy.summary())
 
 
 def _tokenize(source: SourceSamples, index: int, model: VLM, frame_ids: dict[str, int],

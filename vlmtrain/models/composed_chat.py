@@ -58,12 +58,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384, answers: Sequen
     return _wrap(tok, specials)
 
 
-def tokenizer_from_conversations(conversations: Callable[[], Iterable[Sequence[Turn]]],
-                                 vocab_size: int) -> PreTrainedTokenizerFast:
-    """A tokenizer trained on the distinct turn texts of ``conversations()`` (image placeholders
-    removed: they are special tokens), with a closed answer set as single tokens."""
-    texts = sorted({t.text.replace(IMAGE, " ") for turns in conversations() for t in turns})
-    return train_tokenizer(texts, vocab_size, closed_answers(conversations()))
+def tokenizer_from_conversations(conversations: Iterable[Sequence[Turn]], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer trained on the distinct turn texts of ``conversations`` (read once; image
+    placeholders removed: they are special tokens), with a closed answer set as single tokens."""
+    turns = [t for conversation in conversations for t in conversation]
+    texts = sorted({t.text.replace(IMAGE, " ") for t in turns})
+    return train_tokenizer(texts, vocab_size, closed_answers([turns]))
 
 
 def _wrap(tok: Tokenizer, specials: Sequence[str]) -> PreTrainedTokenizerFast:

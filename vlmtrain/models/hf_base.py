@@ -55,6 +55,12 @@ class HFVLMAdapter(nn.Module):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.frame_size = frame_size  # (height, width) every frame is resized to
+        # Batches are right-padded with the pad id (masked and unlabelled, so any id but the image
+        # token works); eos is the usual stand-in for tokenizers that have none.
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == self.image_token_id:
+            raise ValueError(f"{self.family}: the tokenizer needs a pad (or eos) token other than the image token")
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod

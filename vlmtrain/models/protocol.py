@@ -66,7 +66,7 @@ class VLM(Protocol):
     Attributes:
         family: the family's name, for messages and run records (never branched on outside models/).
         frame_size: (height, width) every frame is decoded to before ``prepare_frames``.
-        tokenizer: the model's tokenizer (its pad id pads batches).
+        tokenizer: the model's tokenizer; its pad id (never the image token) pads batches.
         supports_split: ``encode_images == project(encode_vision(.))``, so a feature cache may hold
             vision-encoder features while the projector trains.
     """

@@ -219,7 +219,7 @@ class QwenVLAdapter(HFVLMAdapter):
         docs = [(r, start, n) for r, lengths in enumerate(doc_lengths)
                 for start, n in zip(torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist(), lengths)]
         width = max(n for _, _, n in docs)
-        ids_DN = input_ids.new_full((len(docs), width), int(self.tokenizer.pad_token_id or 0))
+        ids_DN = input_ids.new_full((len(docs), width), int(self.tokenizer.pad_token_id))
         mask_DN = torch.zeros_like(ids_DN)
         for d, (r, start, n) in enumerate(docs):
             ids_DN[d, :n] = input_ids[r, start:start + n]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from vlmtrain.models.composed import META as COMPOSED_META
 from vlmtrain.models.composed import ComposedVLM, build_composed_vlm
@@ -67,12 +67,12 @@ def load_adapter(family: str, path: str | Path, frame_size: Optional[int] = None
     return adapter_class(found).from_pretrained(path, frame_size=size)
 
 
-def build_tokenizer(mcfg, conversations: Optional[Callable[[], Iterable[Sequence[Turn]]]],
+def build_tokenizer(mcfg, conversations: Optional[Iterable[Sequence[Turn]]],
                     saved_dir: Optional[Path] = None):
     """The tokenizer a new model of ``model.family`` is built around, or None when the family brings
     its own (an HF checkpoint's). Composed: the one saved in ``saved_dir`` when there is one (a
-    resumed run, the other ranks of a run), else one trained on the text of ``conversations()``
-    (None: the saved one must exist)."""
+    resumed run, the other ranks of a run), else one trained on the text of ``conversations``
+    (read only then; None: the saved one must exist)."""
     if mcfg.family != COMPOSED:
         return None
     if saved_dir is not None and (Path(saved_dir) / "tokenizer.json").is_file():

@@ -90,16 +90,6 @@ def answer_log_likelihood(model: VLM, inputs_embeds: torch.Tensor, labels: torch
     return sums_B.index_add_(0, rows_T, logp_T)
 
 
-def pad_token_id(model: VLM) -> int:
-    """An id to right-pad rows with: pad, else eos, else 0 (never the image token, which ``embed``
-    counts); its value is irrelevant otherwise because padding is masked and unlabelled."""
-    tok = model.tokenizer
-    for candidate in (tok.pad_token_id, tok.eos_token_id, 0, 1):
-        if candidate is not None and candidate != model.image_token_id:
-            return int(candidate)
-    raise AssertionError("unreachable: 0 and 1 cannot both be the image token")
-
-
 class VLMPolicy:
     """A trained model of any family as a batched GridNav policy that picks actions by candidate scoring.
 
@@ -119,9 +109,9 @@ class VLMPolicy:
             raise ValueError(f"batch_size={batch_size}: must be >= 1")
         self.model, self.num_history, self.prompt = model, num_history, prompt
         self.device, self.batch_size, self.size = device, batch_size, height
-        self.pad_id = pad_token_id(model)
+        self.pad_id = int(model.tokenizer.pad_token_id)  # never the image token (the model checks it)
         self._encoded: dict[tuple[str, int], list[Encoded]] = {}
-        self._features: dict[tuple[int, int], torch.Tensor] = {}  # (episode, frame index) -> (K, D)
+        self._features: dict[int, dict[int, torch.Tensor]] = {}  # episode -> frame index -> (K, D)
         self._feature_bytes = 0
 
     def candidates(self, instruction: str, num_history_frames: int) -> list[Encoded]:
@@ -141,8 +131,8 @@ class VLMPolicy:
     def scores(self, states: Sequence[EpisodeState]) -> torch.Tensor:
         """(S, 4) log-probability of each action answer for each state (column = action id), on CPU."""
         live = {s.spec.index for s in states}
-        for key in [k for k in self._features if k[0] not in live]:  # episodes that ended
-            self._feature_bytes -= self._features.pop(key).nbytes
+        for episode in [e for e in self._features if e not in live]:  # episodes that ended
+            self._feature_bytes -= sum(f.nbytes for f in self._features.pop(episode).values())
         out = [self._score_chunk(states[i: i + self.batch_size]) for i in range(0, len(states), self.batch_size)]
         return torch.cat(out) if out else torch.zeros(0, len(ACTION_TEXTS))
 
@@ -160,7 +150,7 @@ class VLMPolicy:
                 key = (s.spec.index, i)
                 if key in feats:
                     continue
-                feats[key] = self._features.get(key)
+                feats[key] = self._features.get(s.spec.index, {}).get(i)
                 if feats[key] is None:
                     todo.append(key)
                     frames.append(resize_array(s.frames[i], self.size))
@@ -170,7 +160,7 @@ class VLMPolicy:
             for key, f in zip(todo, fresh):
                 feats[key] = f
                 if self._feature_bytes + f.nbytes <= FEATURE_BUDGET_BYTES:
-                    self._features[key] = f
+                    self._features.setdefault(key[0], {})[key[1]] = f
                     self._feature_bytes += f.nbytes
         return feats
 
