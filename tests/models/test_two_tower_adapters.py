@@ -1,8 +1,8 @@
 """Checks shared by the two-tower adapters (Idefics3/SmolVLM; LLaVA with Llama and Qwen2 LMs): the split
 three-call loss equals the HF model's own forward, labels, slots, parts and gradients.
 
-Each family is one row of ``FAMILIES``; what only one family has stays in ``test_idefics3.py`` and
-``test_llava.py``, which build their tiny models with :func:`family_fixtures` and reuse the helpers here.
+Each family is one row of ``FAMILIES``; the checks only one family has (end of the module) pick their
+rows by parametrizing the ``family`` fixture indirectly.
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Idefics3Processor, LlavaProcessor
 
+from vlmtrain.data.loader import collate
+from vlmtrain.data.samples import TokenizedSample
 from vlmtrain.models.idefics3 import Idefics3Adapter
 from vlmtrain.models.llava import LlavaAdapter
 from vlmtrain.models.protocol import IGNORE_INDEX, Turn
 from vlmtrain.models.tiny_idefics3 import save_tiny_idefics3
-from vlmtrain.models.tiny_llava import save_tiny_llava
+from vlmtrain.models.registry import load_adapter
+from vlmtrain.models.tiny_llava import TINY_PATCH, save_tiny_llava
+from vlmtrain.train.step import batch_loss
 
 # Sample 0 has 1 image, sample 1 has 3; unique frame 0 fills slots 0 and 2 (a repeated frame).
 CONVERSATIONS = [
@@ -63,26 +67,20 @@ LLAVA = [Family(f"llava-{text}-{strategy}", LlavaAdapter,
 FAMILIES = [IDEFICS3, *LLAVA]
 
 
-def family_fixtures(families: list[Family]):
-    """Module-scoped ``family``, ``tiny_path`` and ``adapter`` fixtures over ``families``: each tiny
-    model is built once per module. Assign the result to those three names in the test module."""
-
-    @pytest.fixture(scope="module", params=families, ids=lambda f: f.id)
-    def family(request):
-        return request.param
-
-    @pytest.fixture(scope="module")
-    def tiny_path(family, tmp_path_factory):
-        return family.save(tmp_path_factory.mktemp(f"tiny_{family.id}"))
-
-    @pytest.fixture(scope="module")
-    def adapter(family, tiny_path):
-        return family.adapter_cls.from_pretrained(tiny_path)
-
-    return family, tiny_path, adapter
+@pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.id)
+def family(request):
+    return request.param
 
 
-family, tiny_path, adapter = family_fixtures(FAMILIES)
+@pytest.fixture(scope="module")
+def tiny_path(family, tmp_path_factory):
+    """The family's tiny model, built once per module."""
+    return family.save(tmp_path_factory.mktemp(f"tiny_{family.id}"))
+
+
+@pytest.fixture(scope="module")
+def adapter(family, tiny_path):
+    return family.adapter_cls.from_pretrained(tiny_path)
 
 
 def images(sizes=((40, 50), (45, 50), (50, 50))) -> list[Image.Image]:
@@ -187,3 +185,68 @@ def test_tiny_checkpoint_loads_with_auto_classes(tiny_path, adapter):
     assert type(model) is type(adapter.hf)
     tokenizer = AutoTokenizer.from_pretrained(tiny_path)
     assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+
+# -- what only Idefics3 has ---------------------------------------------------------------------
+@pytest.mark.parametrize("family", [IDEFICS3], indirect=True, ids=lambda f: f.id)
+def test_idefics3_placeholders_and_pixels_match_hf_processor(adapter, tiny_path):
+    """Our hand-built expansion equals what HF's Idefics3Processor writes for unsplit images."""
+    processor = Idefics3Processor(
+        image_processor=AutoImageProcessor.from_pretrained(tiny_path, backend="pil"),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_path), image_seq_len=adapter.tokens_per_frame())
+    frames = images(((32, 32), (32, 32)))  # already frame-sized: both resize paths are no-ops
+    text = "<image> go <image>to the door"
+    ref = processor(text=[f"User:{text}"], images=[frames], do_image_splitting=False, return_tensors="pt")
+    enc = adapter.encode_conversation([Turn("user", text)])
+    bos = [adapter.tokenizer.bos_token_id]
+    tail = [adapter.tokenizer.convert_tokens_to_ids("<end_of_utterance>")]
+    tail += adapter.tokenizer.encode("\n", add_special_tokens=False)
+    assert enc.input_ids == bos + ref["input_ids"][0].tolist() + tail
+    torch.testing.assert_close(adapter.preprocess(frames).pixels, ref["pixel_values"][0])
+
+
+@pytest.mark.parametrize("family", [IDEFICS3], indirect=True, ids=lambda f: f.id)
+def test_idefics3_frame_size_must_be_square_and_divisible(tiny_path):
+    with pytest.raises(ValueError, match="square"):
+        Idefics3Adapter.from_pretrained(tiny_path, frame_size=(32, 24))
+    with pytest.raises(ValueError, match="divisible"):
+        Idefics3Adapter.from_pretrained(tiny_path, frame_size=(36, 36))
+    bigger = Idefics3Adapter.from_pretrained(tiny_path, frame_size=(48, 48))
+    assert bigger.tokens_per_frame() == (48 // 4) ** 2 // 4
+    assert_matches_hf(bigger)  # frames larger than the vision image_size still match HF
+
+
+# -- what only LLaVA has ------------------------------------------------------------------------
+@pytest.mark.parametrize("family", LLAVA, indirect=True, ids=lambda f: f.id)
+def test_llava_placeholders_and_pixels_match_hf_processor(adapter, tiny_path):
+    """Our hand-built expansion and pixels equal what HF's LlavaProcessor produces."""
+    processor = LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(tiny_path, backend="pil"),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_path), patch_size=TINY_PATCH,
+        vision_feature_select_strategy=adapter.hf.config.vision_feature_select_strategy)
+    frames = images()  # not frame-sized: the SigLIP processor resizes straight to 32x32 like we do
+    text = "<image> go <image>to the door"
+    ref = processor(text=[f"USER: {text}\n"], images=frames[:2], return_tensors="pt")
+    enc = adapter.encode_conversation([Turn("user", text)])
+    bos = [] if adapter.tokenizer.bos_token_id is None else [adapter.tokenizer.bos_token_id]
+    assert enc.input_ids == bos + ref["input_ids"][0].tolist()
+    torch.testing.assert_close(adapter.preprocess(frames[:2]).pixels, ref["pixel_values"])
+
+
+@pytest.mark.parametrize("family", LLAVA, indirect=True, ids=lambda f: f.id)
+def test_llava_frame_size_must_match_the_vision_tower(tiny_path):
+    with pytest.raises(ValueError, match="image_size"):
+        LlavaAdapter.from_pretrained(tiny_path, frame_size=(48, 48))
+
+
+def test_llava_unreachable_trainable_are_exactly_the_parameters_without_gradients(tmp_path):
+    """What DDP is told to expect without gradients (``find_unused``) is exactly what a backward
+    through a trained LLaVA leaves without one: the layers after vision_feature_layer and post_layernorm."""
+    adapter = load_adapter("llava", save_tiny_llava(tmp_path / "llava", text="llama"), None)
+    enc = adapter.encode_conversation([Turn("user", "<image> where now?"), Turn("assistant", "STOP")])
+    h, w = adapter.frame_size
+    frames = torch.randint(0, 255, (1, 3, h, w), dtype=torch.uint8)
+    batch = collate([TokenizedSample(enc.input_ids, enc.labels, [0])], frames, 0, adapter.image_token_id)
+    batch_loss(adapter, batch, torch.device("cpu")).backward()
+    no_grad = sorted(n for n, p in adapter.named_parameters() if p.requires_grad and p.grad is None)
+    assert no_grad and sorted(adapter.unreachable_trainable()) == no_grad

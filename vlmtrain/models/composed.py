@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, S
 
 from vlmtrain.models.composed_chat import ChatFormat, load_tokenizer, save_tokenizer
 from vlmtrain.models.loss import labelled_cross_entropy
+from vlmtrain.models.parts import part_from_name
 from vlmtrain.models.projector import PixelShuffleProjector
 from vlmtrain.models.protocol import Encoded, FrameBatch, Turn
 from vlmtrain.models.shapes import TransformerShape, shape_from_hf_config
@@ -27,6 +28,8 @@ META = "vlm_config.json"
 # Pixel normalisation of SigLIP: x / 255 -> (x - 0.5) / 0.5
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
+# Submodule name -> part (the frame-age embedding trains with the projector).
+COMPOSED_PARTS = {"vision": "vision", "lm": "llm", "projector": "projector", "frame_age": "projector"}
 
 
 class ComposedVLM(nn.Module):
@@ -179,14 +182,7 @@ class ComposedVLM(nn.Module):
     def part_of(self, param_name: str) -> str:
         """vision: ``vision.*``; llm: ``lm.*``; projector: the projector and the frame-age embedding.
         Matches path components, so DDP / FSDP / compile prefixes do not matter."""
-        parts = param_name.split(".")
-        if "vision" in parts:
-            return "vision"
-        if "lm" in parts:
-            return "llm"
-        if "projector" in parts or "frame_age" in parts:
-            return "projector"
-        raise ValueError(f"composed: cannot tell which part parameter {param_name!r} belongs to")
+        return part_from_name(param_name, COMPOSED_PARTS, self.family)
 
     def unreachable_trainable(self) -> list[str]:
         """None: every parameter reaches the loss."""

@@ -306,25 +306,16 @@ def test_bad_episode_is_skipped_and_counted(dataset: Path, breaker) -> None:
     assert "episode 1" in policy.examples[reason][0]
 
 
-def test_error_details_are_informative(dataset: Path) -> None:
-    _break_missing_column(dataset)
-    with pytest.raises(DataError, match=r"frame_index.*present: .*action"):
+@pytest.mark.parametrize("damage, message", [
+    (_break_missing_column, r"frame_index.*present: .*action"),
+    (_break_length, r"5 rows.*length 6"),
+    (_break_unknown_action, r"row 2: action 7"),
+    (_break_json_line, r"line 2"),
+], ids=["missing_column", "length", "unknown_action", "json_line"])
+def test_error_details_are_informative(dataset: Path, damage, message) -> None:
+    damage(dataset)
+    with pytest.raises(DataError, match=message):
         read_lerobot_vln(dataset, SETTING)
-
-    dataset2 = make_dataset(dataset.parent / "scene_b")
-    _break_length(dataset2)
-    with pytest.raises(DataError, match=r"5 rows.*length 6"):
-        read_lerobot_vln(dataset2, SETTING)
-
-    dataset3 = make_dataset(dataset.parent / "scene_c")
-    _break_unknown_action(dataset3)
-    with pytest.raises(DataError, match=r"row 2: action 7"):
-        read_lerobot_vln(dataset3, SETTING)
-
-    dataset4 = make_dataset(dataset.parent / "scene_d")
-    _break_json_line(dataset4)
-    with pytest.raises(DataError, match=r"line 2"):
-        read_lerobot_vln(dataset4, SETTING)
 
 
 def test_wrong_setting_is_a_missing_column(dataset: Path) -> None:
