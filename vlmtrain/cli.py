@@ -32,6 +32,13 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.compare == "hf-trainer":
+        from vlmtrain.tools.bench_compare import compare_hf_trainer, format_compare
+
+        record = compare_hf_trainer(_load(args), pairs=args.pairs, epochs=args.epochs, heldout=args.heldout)
+        print(format_compare(record))
+        print(json.dumps(record))
+        return 0
     from vlmtrain.tools.bench import bench
 
     record = bench(_load(args), warmup=args.warmup, steps=args.steps, compare=args.compare,
@@ -110,8 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(b)
     b.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
     b.add_argument("--steps", type=int, default=15, help="measured steps (default 15)")
-    b.add_argument("--compare", choices=["naive"],
-                   help="also run the same model and data padded, without de-duplication or cache; print the ratio")
+    b.add_argument("--compare", choices=["naive", "hf-trainer"],
+                   help="naive: also run the same model and data padded, without de-duplication or cache; print the "
+                        "ratio. hf-trainer: whole-process runs of the stock transformers.Trainer recipe and of "
+                        "vlmtrain train, PAIRS interleaved pairs of EPOCHS epochs (needs vlmtrain[compare]; "
+                        "docs/benchmarks.md)")
+    b.add_argument("--pairs", type=int, default=3, help="--compare hf-trainer: interleaved pairs of runs (default 3)")
+    b.add_argument("--epochs", type=float, default=1.0, help="--compare hf-trainer: epochs per run (default 1)")
+    b.add_argument("--heldout", help="--compare hf-trainer: LLaVA JSON of held-out samples; each final model's loss "
+                                     "on them is reported")
     b.add_argument("--cold-cache", action="store_true",
                    help="do not fill the feature cache before measuring (default: fill it, as `vlmtrain cache`)")
     b.set_defaults(func=_bench)

@@ -57,9 +57,10 @@ class DataConfig:
     gridnav_detour: float = 0.5  # probability that a GridNav demonstration first detours to a distractor
     load_workers: int = 2  # processes that decode frames at start-up
     workers: int = 0  # loader processes that decode each step's frames from disk (prefetching, pinned memory on CUDA); 0: decode every frame once at start-up and build steps on a thread
-    packing: bool = False  # pack several samples into each LM row (document-masked attention, positions reset per sample)
+    packing: bool = True  # pack samples end to end (per-document attention, positions reset per sample; docs/benchmarks.md: faster than padding on every measured shape)
     max_pack_tokens: int = 0  # LLM-token budget of one pack (0: data.max_length)
     max_pack_vision: int = 0  # vision budget of one pack, in encoder patches (0: no vision budget)
+    episode_group: int = -1  # decisions of one episode (samples sharing frames) put together in a step, so shared frames are encoded once; -1 auto: 4 when the step encodes frames (no feature cache), else 1 | 0 or 1: plain shuffle
     packed_attention: str = "varlen"  # varlen: attention computed per document of a pack | mask: a (B,1,L,L) block-diagonal mask (computes the masked blocks too)
 
 
@@ -67,9 +68,10 @@ class DataConfig:
 class FeaturesConfig:
     """The frozen-encoder feature cache (features/cache.py)."""
 
-    cache: str = "off"  # off | auto (cache while the feature producer is frozen, else say why not and run without) | on (as auto, but an error when it cannot be used)
+    cache: str = "auto"  # auto (cache while the feature producer is frozen and the cache fits features.max_gib, else say why not and run without) | on (as auto, but an error when it cannot be used) | off
     cache_dir: str = ""  # cache directory, one per encoder weights + preprocessing ("": output_dir/feature_cache)
     dtype: str = "bf16"  # bf16 | fp16 store precision of cached features
+    max_gib: float = 64.0  # largest cache auto/on may fill (also at most 90 % of the free disk); a larger one is refused
 
 
 @dataclass
@@ -124,7 +126,8 @@ class OptimConfig:
 class TrainConfig:
     """The loop: length, batch, precision, freezing, logging and checkpoints."""
 
-    steps: int = 1000  # optimizer steps
+    steps: int = 1000  # optimizer steps (ignored when train.epochs > 0)
+    epochs: float = 0.0  # >0: train this many passes over the planned samples (steps = ceil(epochs x steps per epoch))
     batch_size: int = 128  # samples per optimizer step (split into grad_accum micro-batches)
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: str = "fp32"  # fp32 | bf16 (autocast)
@@ -239,7 +242,10 @@ def _validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be > 0")
-    non_negative = {"data.workers": cfg.data.workers, "data.max_pack_tokens": cfg.data.max_pack_tokens,
+    if cfg.data.episode_group < -1:
+        raise ConfigError(f"data.episode_group={cfg.data.episode_group}: must be -1 (auto) or >= 0")
+    non_negative = {"data.workers": cfg.data.workers, "features.max_gib": cfg.features.max_gib, "data.max_pack_tokens": cfg.data.max_pack_tokens,
+                    "train.epochs": cfg.train.epochs,
                     "data.max_pack_vision": cfg.data.max_pack_vision}
     for key, value in non_negative.items():
         if value < 0:

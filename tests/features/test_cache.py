@@ -10,9 +10,12 @@ import threading
 import pytest
 import torch
 
-from vlmtrain.config import ModelConfig
+from vlmtrain.config import FeaturesConfig, ModelConfig
 from vlmtrain.features.cache import (
     CacheMismatchError, FeatureCache, cache_enabled, fingerprint_modules, frame_keys,
+)
+from vlmtrain.features.source import (
+    FeatureCacheUnavailable, cache_bytes_per_frame, cache_size_problem, open_feature_source,
 )
 from vlmtrain.models.composed import PIXEL_MEAN, PIXEL_STD, build_composed_vlm
 
@@ -298,3 +301,23 @@ def test_concurrent_reader_thread_and_writer(tmp_path, model):
         reader.join()
         assert not errors and cache.lookup(keys)[0].all()
 
+
+
+def test_auto_cache_refuses_a_cache_over_the_size_limit(tmp_path, model):
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)  # a frozen encoder and projector: the cache is allowed
+    try:
+        per_frame = cache_bytes_per_frame(model, split=False)
+        assert per_frame == model.tokens_per_frame() * model.lm.config.hidden_size * 2  # K x D at 2 bytes
+        limit_gib = 10 * per_frame / 2 ** 30  # room for 10 frames
+        fcfg = FeaturesConfig(cache="auto", max_gib=limit_gib)
+        assert cache_size_problem(fcfg, model, False, tmp_path, frames=10) is None
+        why = cache_size_problem(fcfg, model, False, tmp_path, frames=11)
+        assert why is not None and "11 frames" in why and "features.max_gib" in why
+        assert open_feature_source(fcfg, model, tmp_path / "a", frames=11).uses_cache is False  # auto: without
+        assert open_feature_source(fcfg, model, tmp_path / "b", frames=10).uses_cache is True
+        with pytest.raises(FeatureCacheUnavailable, match="features.max_gib"):
+            open_feature_source(FeaturesConfig(cache="on", max_gib=limit_gib), model, tmp_path / "c", frames=11)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(before[n])

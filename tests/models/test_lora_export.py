@@ -311,3 +311,25 @@ def test_llm_only_lora_survives_the_adapter_roundtrip(tmp_path):
     assert counts["lora_modules"] == 4  # 2 layers x (q_proj, v_proj)
     rebuilt = load_adapter_export(path, export_adapter(adapter, tmp_path / "out"))
     assert sorted(n for n, _ in rebuilt.named_parameters() if is_lora_param(n)) == lora_names
+
+
+def test_lora_dropout_is_dropout_with_a_cheaper_mask(trained):
+    from vlmtrain.models.lora import LoraDropout
+
+    drops = [m.lora_dropout["default"] for m in trained.adapter.hf.modules() if hasattr(m, "lora_dropout")]
+    assert drops and all(isinstance(d, LoraDropout) for d in drops)  # PEFT's nn.Dropout replaced everywhere
+    p = 0.25
+    drop = LoraDropout(p).train()
+    x = torch.full((400, 500), 3.0, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    # Each element kept with probability 1 - p (200k draws: 4 sigma is 0.4 %), kept ones scaled by 1 / (1 - p).
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.004
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 3.0 / (1 - p)))
+    y.sum().backward()  # the gradient flows through kept elements only, with the same scale
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # reproducible from the torch seed
+    assert not torch.equal(drop(x), y)  # and a fresh mask per call
+    assert torch.equal(drop.eval()(x), x) and torch.equal(LoraDropout(0.0).train()(x), x)

@@ -1,10 +1,12 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from vlmtrain.config import OptimConfig, TrainConfig
 from vlmtrain.models.parts import PARTS, model_parts, trainable_counts
-from vlmtrain.train.optim import apply_freeze, build_optimizer, build_scheduler, lr_factor
+from vlmtrain.train.optim import apply_freeze, build_optimizer, build_scheduler, can_fuse, lr_factor
 
 
 class TinyVLM(nn.Module):
@@ -112,3 +114,25 @@ def test_everything_frozen_is_an_error():
     assert apply_freeze(m, tcfg) == {"vision": 0, "projector": 0, "llm": 0}
     with pytest.raises(ValueError, match="frozen"):
         build_optimizer(m, _optim_cfg())
+
+
+def test_cpu_parameters_get_the_fused_kernel_and_the_same_update():
+    torch.manual_seed(0)
+    model = TinyVLM()
+    opt = build_optimizer(model, _optim_cfg())
+    assert opt.defaults["fused"] is True
+    reference = copy.deepcopy(model)
+    ref_opt = torch.optim.AdamW(
+        [{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+          "params": [dict(reference.named_parameters())[n] for n in names]}
+         for g, names in zip(opt.param_groups, _group_names(model, opt).values())],
+        betas=(0.9, 0.95), eps=1e-8, foreach=False, fused=False)
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            loss = sum((p * p).sum() for p in m.parameters())
+            loss.backward()
+            o.step()
+            o.zero_grad()
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: f"{n}: {m}")
+    assert not can_fuse([torch.zeros(2, dtype=torch.long)])  # not floating: the default implementation

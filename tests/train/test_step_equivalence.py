@@ -177,8 +177,15 @@ def test_packed_loss_and_grads_equal_padded(case):
         mask, _ = packed_attention(case.model, batch.doc_lengths, batch.input_ids.shape[1], torch.float32, CPU)
         assert mask is None  # no mask: the varlen path
         loss, grads, _ = _step(case.model, batch, FeatureSource())
+        # All five documents in one row (StepBuilder(one_row=True), the varlen default): no padding at
+        # all, and still the padded batch's loss and gradients.
+        one = collate_rows([case.samples], case.frames, case.pad_id, case.image_id, packed=True)
+        assert one.input_ids.shape == (1, sum(len(s.input_ids) for s in case.samples))
+        one_loss, one_grads, _ = _step(case.model, one, FeatureSource())
     torch.testing.assert_close(loss, ref_loss, **LOSS_TOL)
     _assert_same_grads(grads, ref_grads)
+    torch.testing.assert_close(one_loss, ref_loss, **LOSS_TOL)
+    _assert_same_grads(one_grads, ref_grads)
 
 
 @contextlib.contextmanager

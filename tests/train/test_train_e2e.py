@@ -31,7 +31,8 @@ def test_short_run_loss_falls_and_writes_run_dir(tiny_cfg):
     assert 1.0 <= lines[-1]["data/images_per_sample"] <= 9.0
     for key in ("steps", "samples", "train_wall_s", "samples_per_s", "tokens_per_s", "final_loss"):
         assert key in summary
-    assert summary["samples"] == 30 * tiny_cfg.train.batch_size
+    # Packed steps (the default) hold about batch_size samples: whole packs, planned from token budgets.
+    assert 0.9 * 30 * tiny_cfg.train.batch_size <= summary["samples"] <= 1.1 * 30 * tiny_cfg.train.batch_size
     assert (out / "config.yaml").exists() and (out / "model" / "model.safetensors").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000020", "step-0000030"]
 

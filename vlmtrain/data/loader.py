@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from vlmtrain.data.grouping import grouped_permutation
 from vlmtrain.data.samples import TokenizedSample
 from vlmtrain.features.fingerprint import frame_keys as content_keys
 from vlmtrain.models.protocol import IGNORE_INDEX, FrameBatch
@@ -122,13 +123,15 @@ class StepBuilder:
     Picklable state only (samples, frame store, ids), so it runs in loader worker processes as well as
     on a thread. ``frame_keys``: give every batch the content keys of its frames (what a feature cache
     is keyed by), the one place they are computed: once for the whole store at start when its frames
-    are in memory, per batch when they are decoded lazily (``LazyFrames``).
+    are in memory, per batch when they are decoded lazily (``LazyFrames``). ``one_row``: lay a packed
+    micro-batch's packs end to end in one row (for per-document attention, which never pads a
+    document: the rows of a micro-batch would otherwise be padded to the longest).
     """
 
     def __init__(self, samples: Sequence[TokenizedSample], frames, pad_id: int, image_id: int, plan,
-                 dedup: bool = True, frame_keys: bool = False):
+                 dedup: bool = True, frame_keys: bool = False, one_row: bool = False):
         self.samples, self.frames, self.plan = samples, frames, plan
-        self.pad_id, self.image_id, self.dedup = pad_id, image_id, dedup
+        self.pad_id, self.image_id, self.dedup, self.one_row = pad_id, image_id, dedup, one_row
         preloaded = isinstance(frames, torch.Tensor)
         self.keys = content_keys(frames) if frame_keys and preloaded else None
         self.hash_frames = frame_keys and not preloaded
@@ -138,6 +141,8 @@ class StepBuilder:
         spec = self.plan.step(k)
         out = []
         for micro in spec.micro:
+            if spec.packed and self.one_row:
+                micro = [[i for row in micro for i in row]]
             rows = [[self.samples[i] for i in row] for row in micro]
             batch = collate_rows(rows, self.frames, self.pad_id, self.image_id, packed=spec.packed, dedup=self.dedup)
             batch.sample_ids = tuple(i for row in micro for i in row)
@@ -157,21 +162,30 @@ class StepBuilder:
 
 
 class EpochPlan:
-    """Seeded sample order: epoch e is ``permutation(seed, e)``; a run's batch k is a fixed slice of it."""
+    """Seeded sample order: epoch e is ``permutation(seed, e)``; a run's batch k is a fixed slice of it.
+    With ``groups`` and ``group_size`` > 1 the order keeps chunks of ``group_size`` samples of one group
+    together (``data/grouping.py``)."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int):
+    def __init__(self, num_samples: int, batch_size: int, seed: int, groups: Optional[np.ndarray] = None,
+                 group_size: int = 0):
         if num_samples < batch_size:
             raise ValueError(f"{num_samples} samples < batch size {batch_size}")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
+        self.groups, self.group_size = groups, group_size
         self.batches_per_epoch = num_samples // batch_size  # the remainder is seen in other epochs' orders
         self._cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def order(self, epoch: int) -> np.ndarray:
         """The sample order of ``epoch`` (a pure function of seed and epoch)."""
         if self._cached[0] != epoch:
-            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_samples))
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.groups is not None and self.group_size > 1:
+                order = grouped_permutation(self.groups, self.group_size, rng)
+            else:
+                order = rng.permutation(self.num_samples)
+            self._cached = (epoch, order)
         return self._cached[1]
 
     def batch_indices(self, k: int) -> np.ndarray:

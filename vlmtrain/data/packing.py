@@ -15,11 +15,12 @@ the same plan without communication and a resumed run recomputes it instead of r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from vlmtrain.data.grouping import grouped_chunks
 from vlmtrain.models.protocol import IGNORE_INDEX
 DEFAULT_WINDOW = 512
 # A pack whose fuller budget is below this share stays open into the next packing window.
@@ -44,7 +45,8 @@ def _validate(lengths: Sequence[int], vision_costs: Sequence[int], max_tokens: i
 
 
 def plan_packs(lengths: Sequence[int], vision_costs: Sequence[int], max_tokens: int, max_vision: int,
-               seed: int, epoch: int, window: int = DEFAULT_WINDOW) -> list[list[int]]:
+               seed: int, epoch: int, window: int = DEFAULT_WINDOW,
+               groups: Optional[np.ndarray] = None, group_size: int = 0) -> list[list[int]]:
     """Sample indices per pack for one epoch; every sample appears in exactly one pack.
 
     Algorithm: a seeded permutation of all samples (``default_rng([seed, epoch])``), cut into windows
@@ -57,13 +59,23 @@ def plan_packs(lengths: Sequence[int], vision_costs: Sequence[int], max_tokens: 
     Finally the pack order is shuffled with the same generator, so step k does not systematically get
     the big packs of its window.
 
+    With ``groups`` and ``group_size`` > 1 (episode grouping, ``data/grouping.py``) the permutation
+    keeps chunks of ``group_size`` samples of one group together, each chunk is its own window (no
+    pack stays open into the next chunk) and the packs keep the chunk order, so a chunk's packs are
+    consecutive and land in the same step.
+
     Raises ValueError naming the sample index and its cost when one sample alone exceeds a budget.
     """
     _validate(lengths, vision_costs, max_tokens, max_vision)
     if window <= 0:
         raise ValueError(f"window={window} must be positive")
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
+    grouped = groups is not None and group_size > 1
+    if grouped:
+        order, bounds = grouped_chunks(groups, group_size, rng)
+    else:
+        order = rng.permutation(len(lengths))
+        bounds = np.r_[np.arange(0, len(order), window), len(order)]
     tok = np.asarray(lengths, dtype=np.int64)
     vis = np.asarray(vision_costs, dtype=np.int64)
     key = tok / max_tokens + vis / max_vision
@@ -74,8 +86,8 @@ def plan_packs(lengths: Sequence[int], vision_costs: Sequence[int], max_tokens: 
     members: list[list[int]] = []
     free_tok = np.zeros(0, dtype=np.int64)
     free_vis = np.zeros(0, dtype=np.int64)
-    for start in range(0, len(order), window):
-        chunk = order[start : start + window]
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        chunk = order[start:end]
         # Stable sort on the shuffled order: ties keep the seeded order, so the plan stays deterministic.
         chunk = chunk[np.argsort(-key[chunk], kind="stable")]
         # Room for the carried packs plus at most one new pack per sample of the window.
@@ -93,11 +105,13 @@ def plan_packs(lengths: Sequence[int], vision_costs: Sequence[int], max_tokens: 
             free_tok[p] -= tok[i]
             free_vis[p] -= vis[i]
         fill = np.maximum(1 - free_tok[:n_open] / max_tokens, 1 - free_vis[:n_open] / max_vision)
-        carry = fill < CARRY_BELOW_FILL
+        carry = (fill < CARRY_BELOW_FILL) & (not grouped)
         packs.extend(m for m, c in zip(members, carry) if not c)
         members = [m for m, c in zip(members, carry) if c]
         free_tok, free_vis = free_tok[:n_open][carry], free_vis[:n_open][carry]
     packs.extend(members)
+    if grouped:
+        return packs
     return [packs[j] for j in rng.permutation(len(packs))]
 
 

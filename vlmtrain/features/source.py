@@ -26,6 +26,7 @@ ranks would. Encoding zero frames instead would crash some towers (SigLIP's patc
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -150,22 +151,57 @@ def cache_decision(model: VLM) -> tuple[bool, bool, str]:
     return ok, split, reason
 
 
-def open_feature_source(fcfg, model: VLM, output_dir: str | Path) -> FeatureSource:
+def cache_bytes_per_frame(model: VLM, split: bool, store_bytes: int = 2) -> int:
+    """Bytes one frame's cached features take (K x D entries of a black frame's features at 2 bytes)."""
+    h, w = model.frame_size
+    with torch.no_grad():
+        frames = model.prepare_frames(torch.zeros(1, 3, h, w, dtype=torch.uint8))
+        feats = model.encode_vision(frames) if split else model.encode_images(frames)
+    return int(feats[0].numel()) * store_bytes
+
+
+def _free_bytes(root: Path) -> int:
+    path = root
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def cache_size_problem(fcfg, model: VLM, split: bool, root: Path, frames: int) -> Optional[str]:
+    """Why a cache of ``frames`` frames must not be filled (over ``features.max_gib`` or 90 % of the free
+    disk space at ``root``), or None. Frames already cached are counted too: an upper bound."""
+    if frames <= 0:
+        return None
+    need = frames * cache_bytes_per_frame(model, split)
+    free = _free_bytes(root)
+    limit = min(fcfg.max_gib * 2 ** 30, 0.9 * free)
+    if need <= limit:
+        return None
+    return (f"a feature cache of {frames} frames needs {need / 2 ** 30:.1f} GiB, over the limit of "
+            f"{limit / 2 ** 30:.1f} GiB (features.max_gib={fcfg.max_gib:g}, {free / 2 ** 30:.1f} GiB free at {root})")
+
+
+def open_feature_source(fcfg, model: VLM, output_dir: str | Path, frames: int = 0) -> FeatureSource:
     """The run's feature source from ``features.*`` (a builder: the config stops here).
 
-    ``off``: no cache. ``auto``: a cache when the producers are frozen, else a log line saying why
-    not. ``on``: as auto, but a trained producer is an error. A cache directory built by other weights
-    or preprocessing is refused (``CacheMismatchError``) in both modes.
+    ``off``: no cache. ``auto``: a cache when the producers are frozen and the ``frames`` distinct frames
+    of the run fit the size limit (``cache_size_problem``), else a log line saying why not. ``on``: as
+    auto, but either reason is an error. A cache directory built by other weights or preprocessing is
+    refused (``CacheMismatchError``) in both modes.
     """
     if fcfg.cache == "off":
         return FeatureSource()
     ok, split, reason = cache_decision(model)
+    root = Path(fcfg.cache_dir) if fcfg.cache_dir else Path(output_dir) / "feature_cache"
+    if ok:
+        too_big = cache_size_problem(fcfg, model, split, root, frames)
+        if too_big is not None:
+            ok, reason = False, f"feature cache off: {too_big}"
     if not ok:
         if fcfg.cache == "on":
             raise FeatureCacheUnavailable(f"features.cache=on, but {reason}")
         log.info(reason)
         return FeatureSource()
-    root = Path(fcfg.cache_dir) if fcfg.cache_dir else Path(output_dir) / "feature_cache"
     producers = model.feature_producers(split)
     preprocess = dict(model.feature_preprocess(), producer="vision" if split else "vision+projector")
     cache = FeatureCache(root, fingerprint_modules(*producers), preprocess, dtype=fcfg.dtype)

@@ -40,6 +40,7 @@ class DocumentLayout:
     index: torch.Tensor  # (N, M) flat position of document n's m-th token (0 where m is past its end)
     valid: torch.Tensor  # (N, M) bool, True on real positions of each document
     total: int  # B * L
+    inverse: torch.Tensor  # (B * L,) for each flat position, its slot n * M + m in the (N, M) layout
 
 
 _LAYOUT: contextvars.ContextVar[Optional[DocumentLayout]] = contextvars.ContextVar("vlmtrain_docs", default=None)
@@ -61,7 +62,10 @@ def document_layout(doc_lengths: Sequence[Sequence[int]], width: int, device: to
     length_N = torch.tensor(lengths)
     valid = offsets[None, :] < length_N[:, None]
     index = torch.where(valid, torch.tensor(starts)[:, None] + offsets[None, :], torch.zeros((), dtype=torch.long))
-    return DocumentLayout(index.to(device), valid.to(device), len(doc_lengths) * width)
+    total = len(doc_lengths) * width
+    inverse = torch.empty(total, dtype=torch.long)
+    inverse[index[valid]] = torch.arange(index.numel()).view_as(index)[valid]  # every position is in one document
+    return DocumentLayout(index.to(device), valid.to(device), total, inverse.to(device))
 
 
 @contextlib.contextmanager
@@ -87,15 +91,18 @@ def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     if b * length != layout.total:
         raise ValueError(f"packed attention: the layout covers {layout.total} positions, the batch has {b * length}")
 
+    n, m = layout.index.shape
+
+    # index_select both ways (its backward is one index_add), not boolean-mask indexing, whose
+    # nonzero + index_put cost more than the attention itself on small models.
     def per_document(x: torch.Tensor) -> torch.Tensor:  # (B, H, L, D) -> (N, H, M, D)
         flat = x.transpose(1, 2).reshape(b * length, x.shape[1], x.shape[3])
-        return flat[layout.index].transpose(1, 2)
+        return flat.index_select(0, layout.index.view(-1)).view(n, m, x.shape[1], x.shape[3]).transpose(1, 2)
 
     q, k, v = per_document(query), per_document(key), per_document(value)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=k.shape[1] != hq,
                                          dropout_p=dropout if module.training else 0.0)
-    out_flat = out.new_empty(b * length, hq, d)
-    out_flat[layout.index[layout.valid]] = out.transpose(1, 2)[layout.valid]
+    out_flat = out.transpose(1, 2).reshape(n * m, hq, d).index_select(0, layout.inverse)
     return out_flat.view(b, length, hq, d), None
 
 

@@ -97,6 +97,7 @@ def run_steps(cfg: RunConfig, data, model, source: FeatureSource, device: torch.
     out["step_s_median"] = round(statistics.median(step_times), 5)
     out["breakdown_s"] = {name: round(total / steps, 5) for name, total in phase_totals.items()}
     out["samples_per_step"] = round(sum(b.num_samples for m in kept for b in m) / steps, 2)
+    out["threads"] = torch.get_num_threads()
     return out, kept
 
 
@@ -145,7 +146,7 @@ def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[st
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     initial = copy.deepcopy(model.state_dict()) if compare else None
-    source = open_feature_source(cfg.features, model, out_dir)
+    source = open_feature_source(cfg.features, model, out_dir, frames=len(data.frames))
     record: dict = {"config": {"family": cfg.model.family, "packing": cfg.data.packing,
                                "feature_cache": source.uses_cache, "split_cache": source.split,
                                "precision": cfg.train.precision, "batch_size": cfg.train.batch_size,

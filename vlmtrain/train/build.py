@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -27,7 +28,7 @@ from vlmtrain.envs.gridnav.generate import write_dataset
 from vlmtrain.features.source import FeatureSource
 from vlmtrain.metrics.flops import ModelFlops, model_flops, peak_flops
 from vlmtrain.models.lora import LoraSettings, apply_lora, format_trainable
-from vlmtrain.models.packed_attention import enable_varlen_attention
+from vlmtrain.models.packed_attention import enable_varlen_attention, uses_varlen
 from vlmtrain.models.parts import trained_parts
 from vlmtrain.models.protocol import VLM
 from vlmtrain.models.registry import build_model as build_family_model
@@ -110,6 +111,19 @@ def build_model_and_data(cfg: RunConfig, out: Path, resumed: bool = False) -> tu
     return model, load_data(cfg.data, model, cfg.seed, sources, policy)
 
 
+def resolve_steps(cfg: RunConfig, data: TrainData, model: VLM, cached: bool) -> RunConfig:
+    """``cfg`` with ``train.steps`` set from ``train.epochs`` when that is > 0: ceil(epochs x the step
+    plan's steps per epoch), so every rank and every later builder sees one step count."""
+    if cfg.train.epochs <= 0:
+        return cfg
+    rank, world = rank_and_world()
+    plan = make_plan(cfg.data, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
+                     cached)
+    steps = max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
+    log.info("train.epochs=%g: %d steps (%d per epoch)", cfg.train.epochs, steps, plan.steps_per_epoch)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+
+
 def rank_features(fcfg: FeaturesConfig, pcfg: ParallelConfig, info: DistInfo, out: Path) -> FeaturesConfig:
     """``features.*`` for this rank: a feature cache has one writer, so each rank of a multi-process
     run keeps its own (``<cache_dir>/rank-<r>``). Under DeepSpeed ZeRO-3 there is no cache (``auto``
@@ -162,9 +176,10 @@ def build_batches(cfg: RunConfig, data: TrainData, model: VLM, source: FeatureSo
     thread."""
     rank, world = rank_and_world()
     dcfg = cfg.data if packing is None else dataclasses.replace(cfg.data, packing=packing)
-    plan = make_plan(dcfg, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank)
+    plan = make_plan(dcfg, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
+                     source.uses_cache)
     build = StepBuilder(data.samples, data.frames, data.pad_id, data.image_id, plan, dedup=dedup,
-                        frame_keys=source.uses_cache)
+                        frame_keys=source.uses_cache, one_row=uses_varlen(model))
     batches = BatchPrefetcher(build, start, end, workers=cfg.data.workers,
                               prepare=lambda b: prepare_batch(model, b, source))
     return batches, plan

@@ -18,8 +18,8 @@ from vlmtrain.models.parts import trainable_counts
 from vlmtrain.parallel.init import DistInfo, all_reduce_max, all_reduce_values, get_logger, init_distributed, on_main
 from vlmtrain.parallel.memory import SyncedEmptyCache, configure_allocator, memory_stats, rank_metrics
 from vlmtrain.train.build import (
-    build_batches, build_model, build_model_and_data, device_peak, parallel_and_optimizer, rank_features, run_flops,
-    seed_everything,
+    build_batches, build_model, build_model_and_data, device_peak, parallel_and_optimizer, rank_features, resolve_steps,
+    run_flops, seed_everything,
 )
 from vlmtrain.train.checkpoint import (
     latest_run_checkpoint, load_run_checkpoint, model_for_saving, save_run_checkpoint,
@@ -81,12 +81,14 @@ def train(cfg: RunConfig) -> dict:
     model, data = build_model_and_data(cfg, out, resumed=ckpt is not None)
     if info.world_size > 1:  # the same initial weights on every rank, then each rank its own dropout masks
         seed_everything(cfg.seed + RANK_SEED_STRIDE * (info.rank + 1))
-    on_main(save_config, cfg, out / "config.yaml")
     log.info("data: %s", json.dumps(data.stats()))
     trainable = trainable_counts(model)
     log.info("trainable parameters: %s", trainable)
 
-    source = open_feature_source(rank_features(cfg.features, cfg.parallel, info, out), model, out)  # whole weights
+    source = open_feature_source(rank_features(cfg.features, cfg.parallel, info, out), model, out,
+                                 frames=len(data.frames))  # whole weights
+    cfg = resolve_steps(cfg, data, model, source.uses_cache)  # train.epochs -> train.steps
+    on_main(save_config, cfg, out / "config.yaml")
     flops = run_flops(model, source)  # counts whole weights too (ZeRO-3 leaves empty placeholders)
     parallel, optimizer, scheduler = parallel_and_optimizer(model, cfg, info, out, source.uses_cache)
     state = {"step": 0, "totals": {"wall_s": 0.0, "samples": 0, "tokens": 0}}

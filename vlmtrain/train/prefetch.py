@@ -69,7 +69,11 @@ class BatchPrefetcher:
             source = (build(k) for k in range(start, end))
         self._source = source
         self._remaining = end - start
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmtrain-batches")
+        # One intra-op thread on the batch thread: its collation, preprocessing and positions are small
+        # ops, and a second OpenMP team of torch's default size would oversubscribe the cores the
+        # training step's team spins on. OpenMP's thread count is per thread: the step keeps its own.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmtrain-batches",
+                                        initializer=torch.set_num_threads, initargs=(1,))
         self._queue: list[Future] = []
         for _ in range(PREFETCH_STEPS):
             self._submit()
