@@ -156,14 +156,32 @@ def episode_group_size(dcfg, cached: bool) -> int:
     return 1 if cached else AUTO_EPISODE_GROUP
 
 
+def micro_batch_budget(lengths: Sequence[int], costs: Sequence[int], samples_per_pack: float, max_vision: int,
+                       seed: int, floor: int, groups: Optional[np.ndarray] = None, group_size: int = 0) -> int:
+    """The LLM-token budget at which ``plan_packs`` makes packs of ``samples_per_pack`` samples on average
+    (at least ``floor``, the longest sample): a first guess from the mean length, corrected twice by the
+    packs the guess really makes (first-fit leaves a few percent of each pack empty)."""
+    target = max(1, round(len(lengths) / samples_per_pack))
+    budget = max(floor, round(samples_per_pack * float(np.mean(lengths))))
+    for _ in range(2):
+        made = len(plan_packs(lengths, costs, budget, max_vision, seed, 0, groups=groups, group_size=group_size))
+        budget = max(floor, round(budget * made / target))
+    return budget
+
+
 def make_plan(dcfg, tcfg, samples, patches_per_frame: int, seed: int, world_size: int = 1, rank: int = 0,
-              cached: bool = False):
+              cached: bool = False, one_row: bool = False):
     """The run's step plan from ``data.*`` and ``train.*`` (a builder: the configs stop here).
 
     The vision cost of a sample is its image slots x ``patches_per_frame`` (what the encoder would
     run without de-duplication or cache: the plan must not depend on the cache's state).
     ``data.episode_group`` keeps decisions of one episode together (``data/grouping.py``); ``cached``:
-    whether features come from a cache (auto grouping is then off)."""
+    whether features come from a cache (auto grouping is then off).
+
+    Packed, ``data.max_pack_tokens=0`` means: with ``one_row`` (per-document attention, where a
+    micro-batch is one row however long) one pack per micro-batch, budgeted so that a step holds
+    ``train.batch_size`` samples on average (:func:`micro_batch_budget`: as many optimizer steps per
+    epoch as padded batches); otherwise packs of ``data.max_length`` tokens."""
     group_size = episode_group_size(dcfg, cached)
     groups = frame_groups([s.frames for s in samples]) if group_size > 1 else None
     # A label at position 0 is never a target (nothing predicts the first token): not counted.
@@ -174,5 +192,10 @@ def make_plan(dcfg, tcfg, samples, patches_per_frame: int, seed: int, world_size
     labels = [sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in samples]
     lengths = [len(s.input_ids) for s in samples]
     costs = [len(s.frames) * patches_per_frame for s in samples]
-    return PackedStepPlan(lengths, costs, labels, dcfg.max_pack_tokens or dcfg.max_length, dcfg.max_pack_vision,
+    budget = dcfg.max_pack_tokens
+    if budget <= 0 and one_row:
+        per_micro = tcfg.batch_size / (world_size * tcfg.grad_accum)
+        budget = micro_batch_budget(lengths, costs, per_micro, dcfg.max_pack_vision or NO_VISION_BUDGET, seed,
+                                    max(lengths), groups, group_size)
+    return PackedStepPlan(lengths, costs, labels, budget if budget > 0 else dcfg.max_length, dcfg.max_pack_vision,
                           tcfg.batch_size, tcfg.grad_accum, seed, world_size, rank, groups, group_size)

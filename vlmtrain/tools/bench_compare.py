@@ -2,7 +2,8 @@
 recipe (``tools/hf_trainer_recipe.py``) on the same model, data and hyper-parameters, whole process.
 
 Each of ``pairs`` pairs runs, one after the other in fresh processes, the stock recipe and then
-``vlmtrain train`` for ``epochs`` epochs; each is timed from process start to exit (imports, data
+``vlmtrain train`` for ``epochs`` epochs, both with seed ``seed + k`` in pair k (so the pairs also
+show the seed-to-seed noise); each is timed from process start to exit (imports, data
 loading, image decoding, feature caching, training and saving the final model all count), into a
 fresh directory (so vlmtrain's feature cache starts cold every time). Samples/s = samples trained /
 whole-process seconds; the ratio of each pair and the median over pairs are reported.
@@ -93,14 +94,15 @@ def compare_hf_trainer(cfg: RunConfig, pairs: int = 3, epochs: float = 1.0, held
     frame = cfg.model.frame_size or 448
     runs = []
     for k in range(pairs):
-        row = {}
+        row = {"seed": cfg.seed + k}
         for name in ("hf_trainer", "vlmtrain"):
             out = root / f"{name}_{k}"
+            seed = f"seed={cfg.seed + k}"
             if name == "hf_trainer":
-                cmd = [sys.executable, "-m", "vlmtrain.tools.hf_trainer_recipe", str(config), "--out", str(out),
+                cmd = [sys.executable, "-m", "vlmtrain.tools.hf_trainer_recipe", str(config), seed, "--out", str(out),
                        "--epochs", str(epochs)]
             else:
-                cmd = [sys.executable, "-m", "vlmtrain.cli", "train", "--config", str(config), f"output_dir={out}",
+                cmd = [sys.executable, "-m", "vlmtrain.cli", "train", "--config", str(config), seed, f"output_dir={out}",
                        f"features.cache_dir={out / 'feature_cache'}", "train.progress=false"]
             out.mkdir(parents=True, exist_ok=True)
             seconds = _run(cmd, out.parent / f"{name}_{k}.log")

@@ -118,7 +118,7 @@ def resolve_steps(cfg: RunConfig, data: TrainData, model: VLM, cached: bool) -> 
         return cfg
     rank, world = rank_and_world()
     plan = make_plan(cfg.data, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
-                     cached)
+                     cached, one_row=uses_varlen(model))
     steps = max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
     log.info("train.epochs=%g: %d steps (%d per epoch)", cfg.train.epochs, steps, plan.steps_per_epoch)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
@@ -177,7 +177,7 @@ def build_batches(cfg: RunConfig, data: TrainData, model: VLM, source: FeatureSo
     rank, world = rank_and_world()
     dcfg = cfg.data if packing is None else dataclasses.replace(cfg.data, packing=packing)
     plan = make_plan(dcfg, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
-                     source.uses_cache)
+                     source.uses_cache, one_row=uses_varlen(model))
     build = StepBuilder(data.samples, data.frames, data.pad_id, data.image_id, plan, dedup=dedup,
                         frame_keys=source.uses_cache, one_row=uses_varlen(model))
     batches = BatchPrefetcher(build, start, end, workers=cfg.data.workers,
