@@ -193,7 +193,8 @@ def run_recipe(cfg: RunConfig, out: str | Path, epochs: float = 1.0) -> dict:
     result = trainer.train()
     train_s = time.time() - t0
     steps = int(result.global_step)
-    samples = steps * cfg.train.batch_size
+    # The last batch of an epoch holds the remainder (the loader does not drop it).
+    samples = min(steps * cfg.train.batch_size, math.ceil(epochs * len(dataset)))
     wall = time.time() - PROCESS_START
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     if cfg.model.lora:
