@@ -60,7 +60,7 @@ class DataConfig:
     packing: bool = True  # pack samples end to end (per-document attention, positions reset per sample; docs/benchmarks.md: faster than padding on every measured shape)
     max_pack_tokens: int = 0  # LLM-token budget of one pack (0: with per-document attention one pack per micro-batch, sized so a step holds train.batch_size samples on average; else data.max_length)
     max_pack_vision: int = 0  # vision budget of one pack, in encoder patches (0: no vision budget)
-    episode_group: int = -1  # decisions of one episode (samples sharing frames) put together in a step, so shared frames are encoded once; -1 auto: 4 when the step encodes frames (no feature cache), else 1 | 0 or 1: plain shuffle
+    episode_group: int = 0  # >1: this many decisions of one episode (samples sharing frames) together in a step, so their shared frames are encoded once (not with a feature cache); off by default: faster, but it cost GridNav SR 0.645 -> 0.230 (docs/benchmarks.md)
     packed_attention: str = "varlen"  # varlen: attention computed per document of a pack | mask: a (B,1,L,L) block-diagonal mask (computes the masked blocks too)
 
 
@@ -242,9 +242,8 @@ def _validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be > 0")
-    if cfg.data.episode_group < -1:
-        raise ConfigError(f"data.episode_group={cfg.data.episode_group}: must be -1 (auto) or >= 0")
-    non_negative = {"data.workers": cfg.data.workers, "features.max_gib": cfg.features.max_gib, "data.max_pack_tokens": cfg.data.max_pack_tokens,
+    non_negative = {"data.workers": cfg.data.workers, "features.max_gib": cfg.features.max_gib,
+                    "data.episode_group": cfg.data.episode_group, "data.max_pack_tokens": cfg.data.max_pack_tokens,
                     "train.epochs": cfg.train.epochs,
                     "data.max_pack_vision": cfg.data.max_pack_vision}
     for key, value in non_negative.items():

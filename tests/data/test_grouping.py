@@ -11,7 +11,7 @@ import pytest
 from vlmtrain.data.grouping import frame_groups, grouped_chunks, grouped_permutation
 from vlmtrain.data.packing import plan_packs
 from vlmtrain.data.samples import history_indices
-from vlmtrain.data.sampler import AUTO_EPISODE_GROUP, episode_group_size, make_plan
+from vlmtrain.data.sampler import make_plan
 
 
 def vln_frames(lengths: list[int]) -> list[tuple[int, ...]]:
@@ -96,8 +96,11 @@ def test_packed_groups_stay_in_their_chunk():
     assert all(len(set(groups[p].tolist())) == 1 for p in packs)
 
 
-def test_auto_group_size_follows_the_cache():
-    auto = SimpleNamespace(episode_group=-1)
-    assert episode_group_size(auto, cached=False) == AUTO_EPISODE_GROUP
-    assert episode_group_size(auto, cached=True) == 1
-    assert episode_group_size(SimpleNamespace(episode_group=0), cached=False) == 0
+def test_no_grouping_with_a_feature_cache():
+    frames = vln_frames([26] * 4)
+    samples = [SimpleNamespace(frames=f, input_ids=[1] * 40, labels=[-100] * 38 + [5, 6]) for f in frames]
+    dcfg = SimpleNamespace(packing=False, episode_group=4)
+    tcfg = SimpleNamespace(batch_size=4, grad_accum=1)
+    cached = make_plan(dcfg, tcfg, samples, 64, seed=0, cached=True)
+    plain = make_plan(SimpleNamespace(packing=False, episode_group=0), tcfg, samples, 64, seed=0)
+    assert [cached.step(k).micro for k in range(5)] == [plain.step(k).micro for k in range(5)]

@@ -45,8 +45,8 @@ def run_cfg(root: Path, out: Path, packing: bool, workers: int):
     cfg = gridnav_tiny()
     cfg.data.root, cfg.data.gridnav_episodes = str(root), 0
     cfg.data.packing, cfg.data.workers = packing, workers
-    if not packing:  # the plain seeded order, checked against EpochPlan below (the packed runs group episodes)
-        cfg.data.episode_group = 0
+    if packing:  # episode-grouped packs (an option): their resume is exact too
+        cfg.data.episode_group = 4
     cfg.data.max_pack_tokens, cfg.data.max_pack_vision = 64, 96  # ~2 samples per pack, both budgets bind
     cfg.train.steps, cfg.train.ckpt_every, cfg.train.keep_checkpoints = STEPS, CKPT_EVERY, 100
     cfg.train.batch_size, cfg.train.log_every, cfg.train.threads = BATCH, 1, 1

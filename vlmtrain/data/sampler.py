@@ -142,31 +142,20 @@ class PackedStepPlan:
         return k / self.steps_per_epoch
 
 
-# data.episode_group=-1 (auto) groups this many decisions when the step encodes frames: on the issue-11
-# workload (26-frame episodes, batch 4) it halves the frames encoded per sample (7.6 -> 4.4).
-AUTO_EPISODE_GROUP = 4
-
-
-def episode_group_size(dcfg, cached: bool) -> int:
-    """``data.episode_group`` resolved: auto (-1) is :data:`AUTO_EPISODE_GROUP` when the encoder runs in
-    the step (``cached`` False), else 1 (a warm cache encodes nothing, so grouping would only make
-    steps less diverse)."""
-    if dcfg.episode_group >= 0:
-        return dcfg.episode_group
-    return 1 if cached else AUTO_EPISODE_GROUP
-
-
 def micro_batch_budget(lengths: Sequence[int], costs: Sequence[int], samples_per_pack: float, max_vision: int,
                        seed: int, floor: int, groups: Optional[np.ndarray] = None, group_size: int = 0) -> int:
     """The LLM-token budget at which ``plan_packs`` makes packs of ``samples_per_pack`` samples on average
     (at least ``floor``, the longest sample): a first guess from the mean length, corrected twice by the
-    packs the guess really makes (first-fit leaves a few percent of each pack empty)."""
+    packs the guess really makes (first-fit leaves a few percent of each pack empty). Grouped, packs
+    never span chunks, so ``group_size`` longest samples (a whole chunk in one pack) is the most needed."""
     target = max(1, round(len(lengths) / samples_per_pack))
+    cap = group_size * floor if groups is not None and group_size > 1 else None
     budget = max(floor, round(samples_per_pack * float(np.mean(lengths))))
     for _ in range(2):
+        budget = min(budget, cap) if cap else budget
         made = len(plan_packs(lengths, costs, budget, max_vision, seed, 0, groups=groups, group_size=group_size))
         budget = max(floor, round(budget * made / target))
-    return budget
+    return min(budget, cap) if cap else budget
 
 
 def make_plan(dcfg, tcfg, samples, patches_per_frame: int, seed: int, world_size: int = 1, rank: int = 0,
@@ -176,14 +165,19 @@ def make_plan(dcfg, tcfg, samples, patches_per_frame: int, seed: int, world_size
     The vision cost of a sample is its image slots x ``patches_per_frame`` (what the encoder would
     run without de-duplication or cache: the plan must not depend on the cache's state).
     ``data.episode_group`` keeps decisions of one episode together (``data/grouping.py``); ``cached``:
-    whether features come from a cache (auto grouping is then off).
+    whether features come from a cache (grouping then saves nothing: it is not applied).
 
     Packed, ``data.max_pack_tokens=0`` means: with ``one_row`` (per-document attention, where a
     micro-batch is one row however long) one pack per micro-batch, budgeted so that a step holds
     ``train.batch_size`` samples on average (:func:`micro_batch_budget`: as many optimizer steps per
     epoch as padded batches); otherwise packs of ``data.max_length`` tokens."""
-    group_size = episode_group_size(dcfg, cached)
+    group_size = 1 if cached else dcfg.episode_group
     groups = frame_groups([s.frames for s in samples]) if group_size > 1 else None
+    if groups is not None:
+        log.info("episode grouping: %d groups of samples sharing frames, chunks of %d per step (data.episode_group)",
+                 int(groups.max()) + 1, group_size)
+    elif dcfg.episode_group > 1:
+        log.info("episode grouping off: features come from the cache, so grouping would save no encoder work")
     # A label at position 0 is never a target (nothing predicts the first token): not counted.
     if not dcfg.packing:
         labels = [sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in samples]
