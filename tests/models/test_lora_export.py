@@ -229,8 +229,9 @@ def test_export_merged_reproduces_logits(trained, tmp_path):
     reloaded = type(adapter)(model.eval(), exported.tokenizer, exported.image_processor, adapter.frame_size)
     expected = _hf_logits(adapter, trained.batch)
     # Merged (W + s*BA) x and unmerged W x + s*B(A x) round differently in fp32; the Qwen tiny models'
-    # large init puts logits around +-1, hence a small relative term next to atol.
-    torch.testing.assert_close(_hf_logits(reloaded, trained.batch), expected, rtol=1e-4, atol=1e-5)
+    # large init puts logits around +-1, hence a small relative term next to atol (observed max 1.2e-5
+    # on one of 80 000 logits; the untrained control below differs by > 1e-3).
+    torch.testing.assert_close(_hf_logits(reloaded, trained.batch), expected, rtol=1e-4, atol=3e-5)
     # ... and the trained weights matter: the untrained base model gives different logits.
     base = _load(trained.family, trained.path).eval()
     assert (_hf_logits(base, trained.batch) - expected).abs().max() > 1e-3

@@ -184,3 +184,43 @@ def test_gradients_reach_every_part(adapter):
         assert nonzero == {"vision": True, "projector": True, "llm": True}
     finally:
         adapter.zero_grad(set_to_none=True)
+
+
+def test_batched_vision_attention_equals_hf_per_frame_sdpa(adapter):
+    """The tower's one batched SDPA call (models/vision_attention.py) gives HF's per-chunk SDPA result,
+    forward and backward, for frames of one size (batched) and of two sizes (chunk by chunk)."""
+    from vlmtrain.models.vision_attention import BATCHED
+
+    tower = adapter.hf.model.visual
+    assert tower.config._attn_implementation == BATCHED  # what the adapter switched it to
+    same = adapter.preprocess(_images(3, seed=2))
+    other = QwenVLAdapter.preprocess(adapter, _images(1, seed=3))  # FRAME too; a second grid below
+    grid = torch.cat([same.meta["image_grid_thw"], torch.tensor([[1, 4, 8]])])
+    mixed_pixels = torch.cat([same.pixels.reshape(-1, same.pixels.shape[-1]),
+                              other.pixels.reshape(-1, other.pixels.shape[-1])[:32]])
+    for pixels, thw in ((same.pixels.reshape(-1, same.pixels.shape[-1]), same.meta["image_grid_thw"]),
+                        (mixed_pixels, grid)):
+        results = {}
+        for impl in (BATCHED, "sdpa"):
+            tower.config._attn_implementation = impl
+            adapter.hf.zero_grad(set_to_none=True)
+            x = pixels.clone().requires_grad_(True)
+            out = tower(x, grid_thw=thw).pooler_output
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            results[impl] = (out.detach(), x.grad, tower.blocks[0].attn.qkv.weight.grad.clone())
+        tower.config._attn_implementation = BATCHED
+        for got, want in zip(results[BATCHED], results["sdpa"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_patch_embed_equals_the_conv3d(adapter):
+    from vlmtrain.models.vision_attention import LinearPatchEmbed
+
+    embed = adapter.hf.model.visual.patch_embed
+    assert isinstance(embed, LinearPatchEmbed)  # what the adapter switched it to
+    assert any(n.endswith("visual.patch_embed.proj.weight") for n, _ in adapter.hf.named_parameters())
+    pixels = adapter.preprocess(_images(2, seed=4)).pixels
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    conv = embed.proj(flat.view(-1, embed.in_channels, embed.temporal_patch_size, embed.patch_size,
+                                embed.patch_size)).view(-1, embed.embed_dim)
+    torch.testing.assert_close(embed(flat), conv, rtol=1e-5, atol=1e-5)

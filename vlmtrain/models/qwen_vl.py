@@ -47,6 +47,7 @@ from vlmtrain.models.qwen_vl_inputs import (
     to_rgb_pil,
 )
 from vlmtrain.models.loss import labelled_cross_entropy
+from vlmtrain.models.vision_attention import enable_batched_vision_attention, use_linear_patch_embed
 
 ROLES = ("system", "user", "assistant")
 PIECE_MEMO = 1 << 16  # text pieces whose token ids are remembered (encode_conversation)
@@ -77,6 +78,8 @@ class QwenVLAdapter(HFVLMAdapter):
                 raise ValueError(f"{self.family}: tokenizer id of {token} differs from config.{name}="
                                  f"{getattr(hf.config, name)}; tokenizer and model do not belong together")
         self._piece_ids: dict[str, list[int]] = {}
+        enable_batched_vision_attention(hf.model.visual)  # one SDPA call per block, not one per frame
+        use_linear_patch_embed(hf.model.visual)  # the stride = kernel Conv3d as a matmul
         self._newline = self._text_ids("\n")
 
     # -- loading ---------------------------------------------------------------------------------
