@@ -222,14 +222,17 @@ def test_shared_frames_encoded_once(case):
     assert n_unique < n_slots
     counter = FrameCounter(case.model)
     try:
-        loss, _, encoded = _step(case.model, _collate(case, packed=True), FeatureSource())
+        loss, grads, encoded = _step(case.model, _collate(case, packed=True), FeatureSource())
         assert counter.calls == [n_unique] and encoded == n_unique
         naive = _collate(case, packed=True, dedup=False)
-        naive_loss, _, naive_encoded = _step(case.model, naive, FeatureSource())
+        naive_loss, naive_grads, naive_encoded = _step(case.model, naive, FeatureSource())
         assert counter.calls == [n_unique, n_slots] and naive_encoded == n_slots
     finally:
         counter.handle.remove()
     torch.testing.assert_close(loss, naive_loss, **LOSS_TOL)
+    # What an episode-grouped step relies on: a frame shared by several samples of the step, encoded
+    # once, gets the gradients of all its slots (vision parameters included).
+    _assert_same_grads(grads, naive_grads)
     # Control: slots filled from the wrong frames change the loss (the frames matter to it).
     wrong = _collate(case, packed=True)
     wrong.slot_frames = wrong.slot_frames.roll(1)
