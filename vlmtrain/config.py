@@ -58,7 +58,7 @@ class DataConfig:
     load_workers: int = 2  # processes that decode frames at start-up
     workers: int = 0  # loader processes that decode each step's frames from disk (prefetching, pinned memory on CUDA); 0: decode every frame once at start-up and build steps on a thread
     packing: bool = True  # pack samples end to end (per-document attention, positions reset per sample; docs/benchmarks.md: faster than padding on every measured shape)
-    max_pack_tokens: int = 0  # LLM-token budget of one pack (0: with per-document attention one pack per micro-batch, sized so a step holds train.batch_size samples on average; else data.max_length)
+    max_pack_tokens: int = 0  # LLM-token budget of one pack (0: with per-document attention one pack per micro-batch, sized so a step holds train.batch_size samples on average, which depends on world size x grad_accum: set a budget to resume on another world size; else data.max_length)
     max_pack_vision: int = 0  # vision budget of one pack, in encoder patches (0: no vision budget)
     episode_group: int = 0  # >1: this many decisions of one episode (samples sharing frames) together in a step, so their shared frames are encoded once (not with a feature cache); off by default: faster, but it cost GridNav SR 0.645 -> 0.230 (docs/benchmarks.md)
     packed_attention: str = "varlen"  # varlen: attention computed per document of a pack | mask: a (B,1,L,L) block-diagonal mask (computes the masked blocks too)
