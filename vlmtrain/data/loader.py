@@ -123,15 +123,13 @@ class StepBuilder:
     Picklable state only (samples, frame store, ids), so it runs in loader worker processes as well as
     on a thread. ``frame_keys``: give every batch the content keys of its frames (what a feature cache
     is keyed by), the one place they are computed: once for the whole store at start when its frames
-    are in memory, per batch when they are decoded lazily (``LazyFrames``). ``one_row``: lay a packed
-    micro-batch's packs end to end in one row (for per-document attention, which never pads a
-    document: the rows of a micro-batch would otherwise be padded to the longest).
+    are in memory, per batch when they are decoded lazily (``LazyFrames``).
     """
 
     def __init__(self, samples: Sequence[TokenizedSample], frames, pad_id: int, image_id: int, plan,
-                 dedup: bool = True, frame_keys: bool = False, one_row: bool = False):
+                 dedup: bool = True, frame_keys: bool = False):
         self.samples, self.frames, self.plan = samples, frames, plan
-        self.pad_id, self.image_id, self.dedup, self.one_row = pad_id, image_id, dedup, one_row
+        self.pad_id, self.image_id, self.dedup = pad_id, image_id, dedup
         preloaded = isinstance(frames, torch.Tensor)
         self.keys = content_keys(frames) if frame_keys and preloaded else None
         self.hash_frames = frame_keys and not preloaded
@@ -141,8 +139,6 @@ class StepBuilder:
         spec = self.plan.step(k)
         out = []
         for micro in spec.micro:
-            if spec.packed and self.one_row:
-                micro = [[i for row in micro for i in row]]
             rows = [[self.samples[i] for i in row] for row in micro]
             batch = collate_rows(rows, self.frames, self.pad_id, self.image_id, packed=spec.packed, dedup=self.dedup)
             batch.sample_ids = tuple(i for row in micro for i in row)

@@ -90,9 +90,10 @@ class PackedStepPlan:
 
     def __init__(self, lengths: Sequence[int], vision_costs: Sequence[int], label_counts: Sequence[int],
                  max_tokens: int, max_vision: int, batch_size: int, grad_accum: int, seed: int,
-                 world_size: int = 1, rank: int = 0, groups: Optional[np.ndarray] = None, group_size: int = 0):
+                 world_size: int = 1, rank: int = 0, groups: Optional[np.ndarray] = None, group_size: int = 0,
+                 one_row: bool = False):
         self.lengths, self.costs = list(lengths), list(vision_costs)
-        self.groups, self.group_size = groups, group_size
+        self.groups, self.group_size, self.one_row = groups, group_size, one_row
         self.grouped = groups is not None and group_size > 1
         self.labels = np.asarray(label_counts, dtype=np.int64)
         self.max_tokens, self.max_vision = max_tokens, (max_vision or NO_VISION_BUDGET)
@@ -107,6 +108,7 @@ class PackedStepPlan:
         margin = math.ceil(len(packs0) * EPOCH_STEP_MARGIN)  # in packs, so small epochs lose no extra step
         self.steps_per_epoch = max(1, (len(packs0) - margin) // per_step)
         self._cache: dict[int, tuple[list[list[int]], object]] = {}
+        self._first_packs: Optional[list[list[int]]] = packs0  # epoch 0's packs, planned once
         log.info("packing: %d samples -> %d packs (%.1f samples, %.1f%% of %d tokens each), %d packs x %d ranks "
                  "per step, %d steps per epoch", len(self.lengths), len(packs0), per_pack,
                  100 * sum(self.lengths) / max(len(packs0), 1) / max_tokens, max_tokens, self.rows * grad_accum,
@@ -118,7 +120,8 @@ class PackedStepPlan:
 
     def _epoch(self, epoch: int):
         if epoch not in self._cache:
-            packs = self._packs(epoch)
+            packs = self._first_packs if epoch == 0 and self._first_packs is not None else self._packs(epoch)
+            self._first_packs = None
             # Grouped packs are consecutive in the plan: balance step by step so a group stays in its step.
             shard = shard_packs(packs, self.lengths, self.costs, self.world, self.accum * self.rows,
                                 window_steps=1 if self.grouped else 16)
@@ -134,6 +137,8 @@ class PackedStepPlan:
         ranks = shard.steps[pos]
         mine = ranks[self.rank]
         micro = [[packs[j] for j in mine[m * self.rows:(m + 1) * self.rows]] for m in range(self.accum)]
+        if self.one_row:  # per-document attention: a micro-batch's packs end to end, no row padding
+            micro = [[[i for pack in rows for i in pack]] for rows in micro]
         labels = int(sum(self.labels[packs[j]].sum() for r in ranks for j in r))
         return StepSpec(micro, True, labels, shard.token_ratio[pos], shard.vision_ratio[pos])
 
@@ -167,8 +172,9 @@ def make_plan(dcfg, tcfg, samples, patches_per_frame: int, seed: int, world_size
     ``data.episode_group`` keeps decisions of one episode together (``data/grouping.py``); ``cached``:
     whether features come from a cache (grouping then saves nothing: it is not applied).
 
-    Packed, ``data.max_pack_tokens=0`` means: with ``one_row`` (per-document attention, where a
-    micro-batch is one row however long) one pack per micro-batch, budgeted so that a step holds
+    ``one_row`` (per-document attention, where a micro-batch is one row however long): a packed
+    micro-batch's packs are laid end to end in one row. Packed, ``data.max_pack_tokens=0`` then means
+    one pack per micro-batch, budgeted so that a step holds
     ``train.batch_size`` samples on average (:func:`micro_batch_budget`: as many optimizer steps per
     epoch as padded batches); otherwise packs of ``data.max_length`` tokens."""
     group_size = 1 if cached else dcfg.episode_group
@@ -178,12 +184,11 @@ def make_plan(dcfg, tcfg, samples, patches_per_frame: int, seed: int, world_size
                  int(groups.max()) + 1, group_size)
     elif dcfg.episode_group > 1:
         log.info("episode grouping off: features come from the cache, so grouping would save no encoder work")
-    # A label at position 0 is never a target (nothing predicts the first token): not counted.
-    if not dcfg.packing:
-        labels = [sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in samples]
-        return SampleStepPlan(labels, tcfg.batch_size, tcfg.grad_accum, seed, world_size, rank, groups, group_size)
-    # Packed, a sample's first label is dropped (collate_rows): it would be predicted across documents.
+    # A label at position 0 is never a target (nothing predicts the first token): not counted. Packed,
+    # it is dropped too (collate_rows): it would be predicted across documents.
     labels = [sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in samples]
+    if not dcfg.packing:
+        return SampleStepPlan(labels, tcfg.batch_size, tcfg.grad_accum, seed, world_size, rank, groups, group_size)
     lengths = [len(s.input_ids) for s in samples]
     costs = [len(s.frames) * patches_per_frame for s in samples]
     budget = dcfg.max_pack_tokens
@@ -192,4 +197,4 @@ def make_plan(dcfg, tcfg, samples, patches_per_frame: int, seed: int, world_size
         budget = micro_batch_budget(lengths, costs, per_micro, dcfg.max_pack_vision or NO_VISION_BUDGET, seed,
                                     max(lengths), groups, group_size)
     return PackedStepPlan(lengths, costs, labels, budget if budget > 0 else dcfg.max_length, dcfg.max_pack_vision,
-                          tcfg.batch_size, tcfg.grad_accum, seed, world_size, rank, groups, group_size)
+                          tcfg.batch_size, tcfg.grad_accum, seed, world_size, rank, groups, group_size, one_row)

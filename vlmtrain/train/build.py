@@ -111,14 +111,20 @@ def build_model_and_data(cfg: RunConfig, out: Path, resumed: bool = False) -> tu
     return model, load_data(cfg.data, model, cfg.seed, sources, policy)
 
 
-def resolve_steps(cfg: RunConfig, data: TrainData, model: VLM, cached: bool) -> RunConfig:
+def build_plan(cfg: RunConfig, data: TrainData, model: VLM, cached: bool, packing: Optional[bool] = None):
+    """This rank's step plan (``data/sampler.py``); ``packing`` overrides ``data.packing`` (the naive
+    baseline of ``vlmtrain bench``). ``cached``: features come from a cache."""
+    rank, world = rank_and_world()
+    dcfg = cfg.data if packing is None else dataclasses.replace(cfg.data, packing=packing)
+    return make_plan(dcfg, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
+                     cached, one_row=uses_varlen(model))
+
+
+def resolve_steps(cfg: RunConfig, plan) -> RunConfig:
     """``cfg`` with ``train.steps`` set from ``train.epochs`` when that is > 0: ceil(epochs x the step
     plan's steps per epoch), so every rank and every later builder sees one step count."""
     if cfg.train.epochs <= 0:
         return cfg
-    rank, world = rank_and_world()
-    plan = make_plan(cfg.data, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
-                     cached, one_row=uses_varlen(model))
     steps = max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
     log.info("train.epochs=%g: %d steps (%d per epoch)", cfg.train.epochs, steps, plan.steps_per_epoch)
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
@@ -169,17 +175,14 @@ def parallel_and_optimizer(model: VLM, cfg: RunConfig, info: DistInfo, out: Path
 
 
 def build_batches(cfg: RunConfig, data: TrainData, model: VLM, source: FeatureSource, start: int, end: int,
-                  dedup: bool = True, packing: Optional[bool] = None):
-    """(prefetcher of plan steps ``start .. end-1``, the plan). ``dedup=False`` / ``packing=False``
-    build the naive baseline of ``vlmtrain bench --compare naive``. Batches come with their frames'
-    content keys when a feature cache is on, and are prepared (``step.prepare_batch``) on the loader
-    thread."""
-    rank, world = rank_and_world()
-    dcfg = cfg.data if packing is None else dataclasses.replace(cfg.data, packing=packing)
-    plan = make_plan(dcfg, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
-                     source.uses_cache, one_row=uses_varlen(model))
+                  dedup: bool = True, packing: Optional[bool] = None, plan=None):
+    """(prefetcher of plan steps ``start .. end-1``, the plan: ``plan``, or ``build_plan``'s).
+    ``dedup=False`` / ``packing=False`` build the naive baseline of ``vlmtrain bench --compare naive``.
+    Batches come with their frames' content keys when a feature cache is on, and are prepared
+    (``step.prepare_batch``) on the loader thread."""
+    plan = plan if plan is not None else build_plan(cfg, data, model, source.uses_cache, packing)
     build = StepBuilder(data.samples, data.frames, data.pad_id, data.image_id, plan, dedup=dedup,
-                        frame_keys=source.uses_cache, one_row=uses_varlen(model))
+                        frame_keys=source.uses_cache)
     batches = BatchPrefetcher(build, start, end, workers=cfg.data.workers,
                               prepare=lambda b: prepare_batch(model, b, source))
     return batches, plan

@@ -18,8 +18,8 @@ from vlmtrain.models.parts import trainable_counts
 from vlmtrain.parallel.init import DistInfo, all_reduce_max, all_reduce_values, get_logger, init_distributed, on_main
 from vlmtrain.parallel.memory import SyncedEmptyCache, configure_allocator, memory_stats, rank_metrics
 from vlmtrain.train.build import (
-    build_batches, build_model, build_model_and_data, device_peak, parallel_and_optimizer, rank_features, resolve_steps,
-    run_flops, seed_everything,
+    build_batches, build_model, build_model_and_data, build_plan, device_peak, parallel_and_optimizer, rank_features,
+    resolve_steps, run_flops, seed_everything,
 )
 from vlmtrain.train.checkpoint import (
     latest_run_checkpoint, load_run_checkpoint, model_for_saving, save_run_checkpoint,
@@ -87,7 +87,8 @@ def train(cfg: RunConfig) -> dict:
 
     source = open_feature_source(rank_features(cfg.features, cfg.parallel, info, out), model, out,
                                  frames=len(data.frames))  # whole weights
-    cfg = resolve_steps(cfg, data, model, source.uses_cache)  # train.epochs -> train.steps
+    plan = build_plan(cfg, data, model, source.uses_cache)  # this rank's step plan, planned once
+    cfg = resolve_steps(cfg, plan)  # train.epochs -> train.steps
     on_main(save_config, cfg, out / "config.yaml")
     flops = run_flops(model, source)  # counts whole weights too (ZeRO-3 leaves empty placeholders)
     parallel, optimizer, scheduler = parallel_and_optimizer(model, cfg, info, out, source.uses_cache)
@@ -103,7 +104,7 @@ def train(cfg: RunConfig) -> dict:
                                    enabled=cfg.memory.empty_cache_on_retries or cfg.memory.empty_cache_reserved_gib > 0)
     batches = sink = sample_log = None
     try:
-        batches, plan = build_batches(cfg, data, model, source, start, cfg.train.steps)
+        batches, _ = build_batches(cfg, data, model, source, start, cfg.train.steps, plan=plan)
         sink = main_sink(out / "metrics.jsonl", start)
         sample_log = main_sink(out / "samples.jsonl", start, enabled=cfg.train.record_samples)  # rank 0's samples
         parallel.train()
