@@ -6,6 +6,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Sample indexes of the test runs go to a fresh folder (inherited by torchrun workers), never ~/.cache.
+if "VLMTRAIN_INDEX_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["VLMTRAIN_INDEX_DIR"] = tempfile.mkdtemp(prefix="vlmtrain-test-index-")
 
 import pytest  # noqa: E402
 

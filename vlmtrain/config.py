@@ -55,7 +55,8 @@ class DataConfig:
     gridnav_seed: int = 0  # seed of the generated GridNav world
     gridnav_noise: float = 0.25  # probability of a random executed action in GridNav demonstrations
     gridnav_detour: float = 0.5  # probability that a GridNav demonstration first detours to a distractor
-    load_workers: int = 2  # processes that decode frames at start-up
+    load_workers: int = 2  # processes that build the sample index (scene by scene) and decode frames at start-up
+    index_dir: str = ""  # where sample indexes live ("": $VLMTRAIN_INDEX_DIR, else ~/.cache/vlmtrain/index); one per source and input fingerprint, built once, reused by every run
     workers: int = 0  # loader processes that decode each step's frames from disk (prefetching, pinned memory on CUDA); 0: decode every frame once at start-up and build steps on a thread
     packing: bool = True  # pack samples end to end (per-document attention, positions reset per sample; docs/benchmarks.md: faster than padding on every measured shape)
     max_pack_tokens: int = 0  # LLM-token budget of one pack (0: with per-document attention one pack per micro-batch, sized so a step holds train.batch_size samples on average, which depends on world size x grad_accum: set a budget to resume on another world size; else data.max_length)

@@ -1,12 +1,15 @@
-"""A run's training data, for every model family: sources -> mixture plan -> samples tokenized once
-in the model's chat format -> frames decoded once.
+"""A run's training data, for every model family: source indexes -> mixture plan -> a sample table on
+arrays -> frames decoded once (or by the loader workers).
 
-Every source becomes `ConvSample`s (``data/sources.py``), checked by ``validate_sample``
-(``read_sources``, which needs no model: the composed model's tokenizer is trained on them). The
-seeded mixture plan (``data/mixture.py``) picks which samples a run uses; each picked sample is
-tokenized once by ``model.encode_conversation`` and checked against ``data.max_length`` (too long is
-an error, or a counted skip, never a truncation). Image files are de-duplicated by path and decoded
-once, at start, at the model's frame size (``load_data``).
+Every configured source is indexed once (``data/index.py``: read, validated, tokenized in the model's
+chat format, kept on disk and memory-mapped). A run then only does array work: the seeded mixture
+plan (``data/mixture.py``) picks rows, ``data.max_length`` and the stored defects are applied with
+the run's error policy (too long is an error or a counted skip, never a truncation), and the used
+frames get dense ids. Nothing per sample lives in Python objects: :class:`SampleTable` builds a
+``TokenizedSample`` from the mapped columns when a step asks for it.
+
+``read_sources`` (every sample as a ``ConvSample``) remains for what needs the text itself: the
+composed model's tokenizer is trained on it (toy-scale data by design).
 """
 
 from __future__ import annotations
@@ -14,20 +17,25 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from vlmtrain.config import source_name_and_percent
-from vlmtrain.data.conversation import ConvSample, check_length, validate_sample
+from vlmtrain.data.conversation import ConvSample, validate_sample
 from vlmtrain.data.errors import DataError, ErrorPolicy
-from vlmtrain.data.frames import LazyFrames, decode_frames, load_frame, readable
-from vlmtrain.data.mixture import format_mixture_table, plan_mixture, summarize_mixture
+from vlmtrain.data.frames import LazyFrames, decode_frames, load_frame
+from vlmtrain.data.index import IndexSpec, SourceIndex
+from vlmtrain.data.index_build import open_or_build
+from vlmtrain.data.mixture import format_mixture_table, select_array
 from vlmtrain.data.samples import TokenizedSample
 from vlmtrain.data.sources import SourceSamples, read_source
 from vlmtrain.models.protocol import VLM, Encoded, Turn
 
 log = logging.getLogger(__name__)
+# data.workers=0 decodes every used frame at start unless they would take more memory than this.
+EAGER_FRAME_BYTES = 2 << 30
 
 
 def encode_sample(model: VLM, sample: ConvSample) -> Encoded:
@@ -39,12 +47,133 @@ def encode_sample(model: VLM, sample: ConvSample) -> Encoded:
     return encoded
 
 
+def spans(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])``, vectorised."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    return np.repeat(np.asarray(starts, dtype=np.int64) - (ends - counts), counts) + np.arange(total)
+
+
+class _Store:
+    """The run's indexes as one global id space (samples and frames of index k follow index k-1's)."""
+
+    def __init__(self, indexes: Sequence[SourceIndex]):
+        self.indexes = list(indexes)
+        self.sample_base = np.r_[0, np.cumsum([i.n_samples for i in indexes])].astype(np.int64)
+        self.frame_base = np.r_[0, np.cumsum([i.n_frames for i in indexes])].astype(np.int64)
+
+    def locate(self, g: int) -> tuple[SourceIndex, int, int]:
+        """(index, local sample id, frame base) of global sample ``g``."""
+        k = int(np.searchsorted(self.sample_base, g, side="right")) - 1
+        return self.indexes[k], g - int(self.sample_base[k]), int(self.frame_base[k])
+
+    def per_index(self, rows: np.ndarray):
+        """(index, positions in ``rows``, local ids, frame base) for each index ``rows`` touch."""
+        ks = np.searchsorted(self.sample_base, rows, side="right") - 1
+        for k, index in enumerate(self.indexes):
+            pos = np.flatnonzero(ks == k)
+            if len(pos):
+                yield index, pos, rows[pos] - self.sample_base[k], int(self.frame_base[k])
+
+    def column(self, rows: np.ndarray, name: str) -> np.ndarray:
+        """Per-sample column ``name`` of global samples ``rows`` (a sequence column through ``seq``)."""
+        out = np.zeros(len(rows), dtype=np.int64)
+        for index, pos, local, _ in self.per_index(rows):
+            if name.startswith("seq_"):
+                out[pos] = getattr(index, name)[index.seq[local]]
+            else:
+                out[pos] = getattr(index, name)[local]
+        return out
+
+    def frames_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(global frame ids of every slot of ``rows``, in row order; slot counts per row)."""
+        counts = self.column(rows, "num_frames")
+        flat = np.zeros(int(counts.sum()), dtype=np.int64)
+        offsets = np.r_[0, np.cumsum(counts)]
+        for index, pos, local, fbase in self.per_index(rows):
+            slots = spans(offsets[pos], counts[pos])
+            flat[slots] = index.sample_frames[spans(index.frame_start[local], index.num_frames[local])] + fbase
+        return flat, counts
+
+    def frame_ok(self, frames: np.ndarray) -> np.ndarray:
+        """Whether each global frame passed the index's signature check."""
+        return self._frame_column(frames, lambda index, local: index.frame_ok[local].astype(bool))
+
+    def path(self, f: int) -> str:
+        """The file of global frame ``f``."""
+        k = int(np.searchsorted(self.frame_base, f, side="right")) - 1
+        return self.indexes[k].path(f - int(self.frame_base[k]))
+
+    def _frame_column(self, frames: np.ndarray, get) -> np.ndarray:
+        ks = np.searchsorted(self.frame_base, frames, side="right") - 1
+        out = np.zeros(len(frames), dtype=bool)
+        for k, index in enumerate(self.indexes):
+            pos = np.flatnonzero(ks == k)
+            if len(pos):
+                out[pos] = get(index, frames[pos] - self.frame_base[k])
+        return out
+
+
+class FramePaths:
+    """The files of the run's used frames, read from the memory-mapped path table on demand (what
+    ``LazyFrames`` decodes in the loader workers)."""
+
+    def __init__(self, store: _Store, used: np.ndarray):
+        self.store, self.used = store, used
+
+    def __len__(self) -> int:
+        return len(self.used)
+
+    def path_of(self, i: int) -> str:
+        """The file of frame ``i`` (dense run id)."""
+        return self.store.path(int(self.used[i]))
+
+    __getitem__ = path_of
+
+
+class SampleTable:
+    """The planned samples (a repeated sample appears several times), on arrays.
+
+    ``lengths`` / ``label_counts`` / ``num_frames`` are what the step plans need; ``table[i]`` is
+    sample i as a ``TokenizedSample`` (its frames as dense ids into the run's frame store), read from
+    the index's mapped columns when a step is built.
+    """
+
+    def __init__(self, store: _Store, rows: np.ndarray, frame_lookup: np.ndarray):
+        self.store, self.rows, self.frame_lookup = store, rows, frame_lookup
+        self.lengths = store.column(rows, "seq_len")
+        self.label_counts = store.column(rows, "seq_labels")
+        self.num_frames = store.column(rows, "num_frames")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> TokenizedSample:
+        index, local, fbase = self.store.locate(int(self.rows[i]))
+        seq = int(index.seq[local])
+        a = int(index.seq_start[seq])
+        b = a + int(index.seq_len[seq])
+        f = int(index.frame_start[local])
+        frames = self.frame_lookup[index.sample_frames[f:f + int(index.num_frames[local])] + fbase]
+        return TokenizedSample(index.tokens[a:b].tolist(), index.labels[a:b].tolist(), tuple(frames.tolist()))
+
+    def __iter__(self) -> Iterator[TokenizedSample]:
+        return (self[i] for i in range(len(self)))
+
+    def frame_lists(self) -> list[tuple[int, ...]]:
+        """Every planned sample's frame ids (episode grouping; toy-scale opt-in)."""
+        return [self[i].frames for i in range(len(self))]
+
+
 @dataclass
 class TrainData:
-    """Everything the loop needs from the data: the planned samples (a repeated sample appears several
-    times), every used frame once, the ids collation needs and the per-source counts."""
+    """Everything the loop needs from the data: the planned samples, every used frame once, the ids
+    collation needs and the per-source counts."""
 
-    samples: list[TokenizedSample]
+    samples: SampleTable
     frames: torch.Tensor  # (N, 3, S, S) uint8, every image used once (LazyFrames with data.workers > 0)
     pad_id: int  # pads batches (masked and unlabelled)
     image_id: int  # the image-slot token (collation counts visual tokens with it)
@@ -56,15 +185,14 @@ class TrainData:
         n = len(self.samples)
         return {
             "samples": n, "frames": int(self.frames.shape[0]), "sources": self.sources,
-            "mean_tokens_per_sample": round(sum(len(s.input_ids) for s in self.samples) / max(n, 1), 2),
-            "mean_images_per_sample": round(sum(len(s.frames) for s in self.samples) / max(n, 1), 3),
+            "mean_tokens_per_sample": round(float(np.sum(self.samples.lengths)) / max(n, 1), 2),
+            "mean_images_per_sample": round(float(np.sum(self.samples.num_frames)) / max(n, 1), 3),
             "skipped": dict(self.skipped),
         }
 
 
 def conversations_of(sources: Sequence[SourceSamples]) -> Iterator[list[Turn]]:
-    """Every sample's turns, lazily (what the composed model's tokenizer trains on; an HF family
-    never reads them)."""
+    """Every sample's turns, lazily (what the composed model's tokenizer trains on)."""
     for source in sources:
         for sample in source.samples:
             yield [Turn(role, text) for role, text in sample.turns]
@@ -80,89 +208,188 @@ def source_specs(dcfg) -> list[tuple[str, str, float, str, str]]:
 
 
 def read_sources(dcfg, policy: ErrorPolicy, seed: int) -> list[SourceSamples]:
-    """Every configured source read and its samples validated (bad ones go to ``policy``)."""
+    """Every configured source read as ``ConvSample``s and validated (bad ones go to ``policy``): the
+    text the composed model's tokenizer is trained on. Training reads the indexes instead."""
     sources: list[SourceSamples] = []
     for fmt, name, percent, path, image_root in source_specs(dcfg):
         sources += read_source(fmt, name, path, image_root, percent, policy, seed=seed, setting=dcfg.setting,
                                num_history=dcfg.num_history, prompt=dcfg.prompt)
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise ValueError(f"data sources have duplicate names {sorted({n for n in names if names.count(n) > 1})}")
-    for s in sources:  # readers check their own records; this catches what a template or builder got wrong
+    for s in sources:
         s.samples = [x for x in s.samples if validate_sample(x, s.path, policy, check_files=False)]
     return sources
 
 
-def load_data(dcfg, model: VLM, seed: int, sources: list[SourceSamples], policy: ErrorPolicy) -> TrainData:
-    """Mix, tokenize and decode ``sources`` (from ``read_sources`` with ``policy``) for ``model`` (a
-    builder: the data config stops here). Logs the mixture table and the skipped counts."""
-    by_name = {s.name: s for s in sources}
-    available = {s.name: len(s.samples) for s in sources}
-    percents = {s.name: s.percent for s in sources}
-    plan = plan_mixture(available, percents, seed)
-
-    frame_ids: dict[str, int] = {}  # image path -> row of the frame tensor, in first-use order
-    encoded: dict[tuple[str, int], Optional[TokenizedSample]] = {}
-    for key in dict.fromkeys(plan):  # each picked sample once, however often the plan repeats it
-        encoded[key] = _tokenize(by_name[key[0]], key[1], model, frame_ids, dcfg.max_length, policy)
-    height, width = model.frame_size
-    if height != width:
-        raise ValueError(f"frames are decoded square; the model's frame size is {model.frame_size}")
-    frames, unreadable = _decode(list(frame_ids), height, dcfg.load_workers, policy, lazy=dcfg.workers > 0)
-    bad_ids = {frame_ids[p] for p in unreadable}
-    for key, sample in encoded.items():
-        if sample is not None and bad_ids.intersection(sample.frames):
-            policy.skipped["unreadable_image"] += 1
-            encoded[key] = None
-    kept = [key for key in plan if encoded[key] is not None]
-    if not kept:
-        raise ValueError(f"no usable training sample in {[str(s.path) for s in sources]} (skipped: {policy.summary()})")
-    log.info("data mixture:\n%s", format_mixture_table(available, percents, kept))
-    if policy.skipped:
-        log.warning("skipped records: %s (first: %s)", policy.summary(),
-                    [e for examples in policy.examples.values() for e in examples[:1]])
-    planned = summarize_mixture(kept)
-    table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
-    return TrainData([encoded[k] for k in kept], frames, int(model.tokenizer.pad_token_id), int(model.image_token_id),
-                     table, policy.summary())
+def index_specs(dcfg) -> list[tuple[IndexSpec, float]]:
+    """(index spec, configured percent) of every configured source."""
+    return [(IndexSpec(fmt, name, str(path), image_root, dcfg.setting, dcfg.num_history, dcfg.prompt), percent)
+            for fmt, name, percent, path, image_root in source_specs(dcfg)]
 
 
-def _tokenize(source: SourceSamples, index: int, model: VLM, frame_ids: dict[str, int],
-              max_length: int, policy: ErrorPolicy) -> Optional[TokenizedSample]:
-    """One planned sample tokenized, or None when skipped (counted by ``policy``); its images get
-    frame ids (first use of a path assigns the next id)."""
-    sample = source.samples[index]
+def open_indexes(dcfg, model: VLM, root: Path) -> list[SourceIndex]:
+    """The index of every configured source for ``model``, built under ``root`` when missing (by
+    ``data.load_workers`` processes)."""
+    return [open_or_build(spec, model, root, dcfg.load_workers) for spec, _ in index_specs(dcfg)]
+
+
+@dataclass
+class _Source:
+    name: str
+    blame: str
+    percent: float
+    start: int  # global sample ids start .. start + count
+    count: int
+
+
+def _mixture_sources(dcfg, indexes: Sequence[SourceIndex], store: _Store) -> list[_Source]:
+    out = []
+    for (spec, percent), index, base in zip(index_specs(dcfg), indexes, store.sample_base):
+        for s in index.meta["sources"]:
+            out.append(_Source(s["name"] or spec.name, s["path"], s["percent"] * percent / 100.0,
+                               int(base) + s["start"], s["count"]))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data sources have duplicate names {sorted({n for n in names if names.count(n) > 1})}")
+    return out
+
+
+def _replay_errors(indexes: Sequence[SourceIndex], policy: ErrorPolicy) -> None:
+    """The defects the indexes stored, through the run's policy: in raise mode the first one read
+    (reading comes before validation, as for one pass over the sources), else every one counted."""
+    errors = [e for index in indexes for e in index.meta["errors"]]
+    for phase in ("read", "validate"):
+        for e in errors:
+            if e["phase"] == phase:
+                policy.handle(DataError(e["path"], e["reason"], e["record"], e["detail"]))
+
+
+def _drop_rejected(store: _Store, sources: list[_Source], uniq: np.ndarray, max_length: int,
+                   policy: ErrorPolicy) -> np.ndarray:
+    """Keep-mask over the unique picked samples ``uniq``: a sample the chat format rejected
+    (``bad_record``) or longer than ``max_length`` (``too_long``) goes to ``policy``, in plan order."""
+    bad = store.column(uniq, "seq_bad").astype(bool)
+    lengths = store.column(uniq, "seq_len")
+    reject = np.flatnonzero(bad | (lengths > max_length))
+    starts = np.array([s.start for s in sources], dtype=np.int64)
+    for j in reject.tolist():
+        index, local, _ = store.locate(int(uniq[j]))
+        blame = sources[int(np.searchsorted(starts, uniq[j], side="right")) - 1].blame
+        if bad[j]:
+            err = DataError(blame, "bad_record", index.record(local), index.meta["seq_bad"][str(int(index.seq[local]))])
+        else:
+            why = f"{int(lengths[j])} tokens > max_length {max_length}"
+            err = DataError(blame, "too_long", index.record(local), why)
+        policy.handle(err)
+    keep = np.ones(len(uniq), dtype=bool)
+    keep[reject] = False
+    return keep
+
+
+def _drop_unreadable(store: _Store, uniq: np.ndarray, bad_frames: np.ndarray, policy: ErrorPolicy) -> np.ndarray:
+    """Keep-mask over ``uniq``: samples showing a frame in ``bad_frames`` (global ids) are dropped
+    (``unreadable_image``, naming the file and the record); raise mode names the first file by path."""
+    if not len(bad_frames):
+        return np.ones(len(uniq), dtype=bool)
+    if policy.raises:
+        raise DataError(sorted(store.path(int(f)) for f in bad_frames)[0], "unreadable_image",
+                        detail="cannot be opened as an image")
+    flat, counts = store.frames_of(uniq)
+    hit = np.isin(flat, bad_frames)
+    owner = np.repeat(np.arange(len(uniq)), counts)
+    dropped = np.unique(owner[hit])
+    for j in dropped.tolist():
+        index, local, _ = store.locate(int(uniq[j]))
+        first = int(flat[np.flatnonzero(hit & (owner == j))[0]])
+        policy.handle(DataError(store.path(first), "unreadable_image", index.record(local),
+                                "cannot be opened as an image"))
+    keep = np.ones(len(uniq), dtype=bool)
+    keep[dropped] = False
+    return keep
+
+
+def _used_frames(store: _Store, uniq: np.ndarray) -> np.ndarray:
+    """Sorted global ids of the frames ``uniq`` show."""
+    flat, _ = store.frames_of(uniq)
+    mark = np.zeros(int(store.frame_base[-1]), dtype=bool)
+    mark[flat] = True
+    return np.flatnonzero(mark)
+
+
+def _decode(paths: list[str], size: int, workers: int, policy: ErrorPolicy) -> tuple[torch.Tensor, list[int]]:
+    """Decode every frame once; in skip mode an unreadable file becomes a zero frame whose position is
+    returned. The per-file retry runs only after a failure."""
     try:
-        encoded = encode_sample(model, sample)
-    except ValueError as e:  # the chat format rejects the record (e.g. an <image> in an answer)
-        policy.handle(DataError(source.path, "bad_record", sample.record, str(e)))
-        return None
-    if not check_length(len(encoded.input_ids), max_length, source.path, sample.record, policy):
-        return None
-    frames = tuple(frame_ids.setdefault(img.path, len(frame_ids)) for img in sample.images)
-    return TokenizedSample(encoded.input_ids, encoded.labels, frames)
-
-
-def _decode(paths: list[str], size: int, workers: int, policy: ErrorPolicy, lazy: bool = False
-            ) -> tuple[torch.Tensor, set[str]]:
-    """Decode every frame once; in skip mode an unreadable file becomes a zero frame whose path is
-    returned (its samples are then dropped). The per-file retry runs only after a failure.
-    ``lazy``: only check each file's header now; loader workers decode the frames later."""
-    if lazy:
-        bad = {p for p in paths if not readable(p)}
-        if bad and policy.raises:
-            raise DataError(sorted(bad)[0], "unreadable_image", detail="cannot be opened as an image")
-        return LazyFrames(paths, size), bad
-    try:
-        return decode_frames(paths, size, workers), set()
+        return decode_frames(paths, size, workers), []
     except DataError:
         if policy.raises:
             raise
     frames = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
-    bad = set()
+    bad = []
     for i, path in enumerate(paths):
         try:
             frames[i] = torch.from_numpy(load_frame(path, size).copy()).permute(2, 0, 1)
         except DataError:
-            bad.add(path)
+            bad.append(i)
     return frames, bad
+
+
+def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], policy: ErrorPolicy) -> TrainData:
+    """Mix the ``indexes`` (``open_indexes``) for a run of ``model``: the seeded mixture plan, the
+    stored defects and ``data.max_length`` through ``policy``, the used frames decoded now
+    (``data.workers=0``) or by the loader workers. Logs the mixture table and the skipped counts."""
+    store = _Store(indexes)
+    sources = _mixture_sources(dcfg, indexes, store)
+    _replay_errors(indexes, policy)
+    picks = [s.start + select_array(s.count, s.percent, seed, s.name) for s in sources]
+    rows = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)  # ascending: sources in order
+    uniq = rows[np.r_[True, rows[1:] != rows[:-1]]] if len(rows) else rows  # rows are sorted
+    picked = len(uniq)
+    uniq = uniq[_drop_rejected(store, sources, uniq, dcfg.max_length, policy)]
+    used = _used_frames(store, uniq)
+    unreadable = used[~store.frame_ok(used)]
+    if len(unreadable):
+        uniq = uniq[_drop_unreadable(store, uniq, unreadable, policy)]
+        used = _used_frames(store, uniq)
+    height, width = model.frame_size
+    if height != width:
+        raise ValueError(f"frames are decoded square; the model's frame size is {model.frame_size}")
+    eager_bytes = len(used) * 3 * height * height
+    if dcfg.workers == 0 and eager_bytes > EAGER_FRAME_BYTES:
+        log.warning("data.workers=0 would decode %d frames (%.1f GiB) into memory at start: decoding each step's "
+                    "frames on the loader thread instead (data.workers > 0 decodes them in worker processes)",
+                    len(used), eager_bytes / 2**30)
+    if dcfg.workers > 0 or eager_bytes > EAGER_FRAME_BYTES:
+        frames = LazyFrames(FramePaths(store, used), height)
+    else:
+        frames, bad = _decode([store.path(int(f)) for f in used], height, dcfg.load_workers, policy)
+        if bad:
+            uniq = uniq[_drop_unreadable(store, uniq, used[bad], _Counting(policy))]
+            kept = _used_frames(store, uniq)
+            frames, used = frames[torch.from_numpy(np.searchsorted(used, kept))], kept
+    if len(uniq) < picked:  # something was dropped (rows and uniq are both sorted)
+        pos = np.minimum(np.searchsorted(uniq, rows), max(len(uniq) - 1, 0))
+        rows = rows[(uniq[pos] == rows) if len(uniq) else np.zeros(len(rows), dtype=bool)]
+    if not len(rows):
+        raise ValueError(f"no usable training sample in {[s.blame for s in sources]} (skipped: {policy.summary()})")
+    lookup = np.full(int(store.frame_base[-1]), -1, dtype=np.int32)
+    lookup[used] = np.arange(len(used), dtype=np.int32)
+    available = {s.name: s.count for s in sources}
+    percents = {s.name: s.percent for s in sources}
+    starts = np.array([s.start for s in sources], dtype=np.int64)
+    per_source = np.bincount(np.searchsorted(starts, rows, side="right") - 1, minlength=len(sources))
+    planned = {s.name: int(c) for s, c in zip(sources, per_source) if c}
+    log.info("data mixture:\n%s", format_mixture_table(available, percents, planned))
+    if policy.skipped:
+        log.warning("skipped records: %s (first: %s)", policy.summary(),
+                    [e for examples in policy.examples.values() for e in examples[:1]])
+    table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
+    return TrainData(SampleTable(store, rows, lookup), frames, int(model.tokenizer.pad_token_id),
+                     int(model.image_token_id), table, policy.summary())
+
+
+class _Counting(ErrorPolicy):
+    """Skip-mode counting into ``policy`` (a decode failure found after the raise-mode checks passed
+    is only possible in skip mode: raise mode raised in ``_decode``)."""
+
+    def __init__(self, policy: ErrorPolicy):
+        super().__init__("skip")
+        self.skipped, self.examples = policy.skipped, policy.examples

@@ -6,6 +6,7 @@ JPEG up to ~9 times per epoch; here it is read once per run, by a few processes 
 
 from __future__ import annotations
 
+import os
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
@@ -64,6 +65,27 @@ def readable(path: str | Path) -> bool:
         return False
 
 
+# Leading bytes of the image formats PIL decodes that data sets use; anything else goes through PIL.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def looks_like_image(path: str | Path) -> bool:
+    """Whether ``path`` starts like an image file (JPEG, PNG, GIF, BMP, TIFF, WebP signatures; other
+    files are opened by PIL): one 16-byte read, the check a sample index makes of every frame. A
+    file whose body is corrupt passes and fails when it is decoded, with a message naming it."""
+    try:  # os-level calls: a buffered file object costs more than the read itself
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            head = os.read(fd, 16)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return True
+    return bool(head) and readable(path)
+
+
 class LazyFrames:
     """Frames decoded on demand: ``frames[idx]`` reads, resizes and stacks the files at ``idx``.
 
@@ -73,7 +95,8 @@ class LazyFrames:
     """
 
     def __init__(self, paths: Sequence[str | Path], size: int):
-        self.paths = [str(p) for p in paths]
+        # A path table (``dataset.FramePaths``, memory-mapped) is kept as it is; a list becomes strings.
+        self.paths = paths if hasattr(paths, "path_of") else [str(p) for p in paths]
         self.size = size
 
     @property

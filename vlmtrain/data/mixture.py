@@ -20,6 +20,7 @@ __all__ = [
     "format_mixture_table",
     "plan_mixture",
     "planned_count",
+    "select_array",
     "select_indices",
     "summarize_mixture",
 ]
@@ -45,20 +46,25 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def select_indices(n: int, percent: float, seed: int, name: str = "") -> list[int]:
-    """Indices of one source kept at ``percent`` %, ascending (repeats adjacent).
+def select_array(n: int, percent: float, seed: int, name: str = "") -> np.ndarray:
+    """Indices of one source kept at ``percent`` %, ascending (repeats adjacent), as int64.
 
     Whole copies first (every index ``k // n`` times for ``k = planned_count(n, percent)``), then
     the remainder drawn without replacement by a generator seeded with ``(seed, name)``.
     """
     k = planned_count(n, percent)
     if n == 0 or k == 0:
-        return []
+        return np.zeros(0, dtype=np.int64)
     whole, rest = divmod(k, n)
     counts = np.full(n, whole, dtype=np.int64)
     if rest:
         counts[_rng(seed, name).choice(n, size=rest, replace=False)] += 1
-    return np.repeat(np.arange(n, dtype=np.int64), counts).tolist()
+    return np.repeat(np.arange(n, dtype=np.int64), counts)
+
+
+def select_indices(n: int, percent: float, seed: int, name: str = "") -> list[int]:
+    """:func:`select_array` as a list of ints."""
+    return select_array(n, percent, seed, name).tolist()
 
 
 def plan_mixture(
@@ -102,10 +108,11 @@ def summarize_mixture(plan: Sequence[tuple[str, int]]) -> dict[str, int]:
 def format_mixture_table(
     sources: Mapping[str, int],
     percents: Mapping[str, float],
-    plan: Sequence[tuple[str, int]],
+    plan: Sequence[tuple[str, int]] | Mapping[str, int],
 ) -> str:
-    """A plain-text table printed at start: available, percent, planned and share per source."""
-    planned = summarize_mixture(plan)
+    """A plain-text table printed at start: available, percent, planned and share per source
+    (``plan``: the planned pairs, or the planned count per source)."""
+    planned = dict(plan) if isinstance(plan, Mapping) else summarize_mixture(plan)
     total = sum(planned.values())
     rows = [("source", "available", "percent", "planned", "share")]
     for name, n in sources.items():

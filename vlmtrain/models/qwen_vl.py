@@ -142,9 +142,13 @@ class QwenVLAdapter(HFVLMAdapter):
         return list(self._piece_ids(text))
 
     def _image_ids(self) -> list[int]:
-        cfg = self.hf.config
-        pads = [cfg.image_token_id] * self.tokens_per_frame()
-        return [cfg.vision_start_token_id] + pads + [cfg.vision_end_token_id]
+        # Built once per frame size: HF config attribute reads cost more than the rest of an encode.
+        block = self.__dict__.get("_image_block")
+        if block is None or block[0] != self.frame_size:
+            cfg = self.hf.config
+            ids = [cfg.vision_start_token_id] + [cfg.image_token_id] * self.tokens_per_frame() + [cfg.vision_end_token_id]
+            block = self.__dict__["_image_block"] = (self.frame_size, ids)
+        return block[1]
 
     def encode_conversation(self, turns: Sequence[Turn]) -> Encoded:
         """Qwen chat format ``<|im_start|>{role}\\n{text}<|im_end|>\\n`` per turn, each ``<image>``

@@ -226,3 +226,19 @@ def main_first() -> Iterator[None]:
     yield
     if _group_active() and dist.get_rank() == 0:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first() -> Iterator[None]:
+    """The first rank of each node (``LOCAL_RANK`` 0) runs the block before the node's other ranks
+    (e.g. it builds a node-local file the others then open). Every rank passes one barrier."""
+    if not _group_active():
+        yield
+        return
+    local = _env_int("LOCAL_RANK", dist.get_rank())
+    if local != 0:
+        dist.barrier()
+    yield
+    if local == 0:
+        dist.barrier()
+

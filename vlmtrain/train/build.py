@@ -13,15 +13,16 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from vlmtrain.config import ConfigError, FeaturesConfig, ParallelConfig, RunConfig
-from vlmtrain.data.dataset import TrainData, conversations_of, load_data, read_sources
+from vlmtrain.data.dataset import TrainData, conversations_of, load_data, open_indexes, read_sources
 from vlmtrain.data.errors import ErrorPolicy
+from vlmtrain.data.index import default_index_root
 from vlmtrain.data.loader import StepBuilder
 from vlmtrain.data.sampler import make_plan
 from vlmtrain.envs.gridnav.generate import write_dataset
@@ -35,7 +36,8 @@ from vlmtrain.models.registry import build_model as build_family_model
 from vlmtrain.models.registry import build_tokenizer
 from vlmtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine, deepspeed_config_from
-from vlmtrain.parallel.init import DistInfo, get_logger, is_main, main_first, on_main, rank_and_world
+from vlmtrain.parallel.init import (DistInfo, get_logger, is_main, local_main_first, main_first, on_main,
+                                   rank_and_world)
 from vlmtrain.parallel.parallelize import parallelize
 from vlmtrain.train.optim import apply_freeze, build_optimizer, build_scheduler
 from vlmtrain.train.prefetch import BatchPrefetcher
@@ -87,37 +89,45 @@ def build_model(cfg: RunConfig, tokenizer=None) -> VLM:
     return model
 
 
-def run_tokenizer(cfg: RunConfig, out: Path, resumed: bool, sources) -> Any:
+def _conversations(cfg: RunConfig) -> Iterator[list]:
+    """Every sample's turns, read only when iterated (the composed model's tokenizer trains on them;
+    defects are skipped here and reported by the index with the run's policy)."""
+    yield from conversations_of(read_sources(cfg.data, ErrorPolicy("skip"), cfg.seed))
+
+
+def run_tokenizer(cfg: RunConfig, out: Path, resumed: bool) -> Any:
     """The tokenizer the run's model is built around (None when the model brings its own): rank 0
     builds it (a composed model's is trained on the data, or reloaded on resume) and saves it to
     ``output_dir/tokenizer``; the other ranks then load that one, so every rank has the same
     vocabulary and model."""
     with main_first():
         saved = out / TOKENIZER_DIR if resumed or not is_main() else None
-        tokenizer = build_tokenizer(cfg.model, conversations_of(sources), saved)
+        tokenizer = build_tokenizer(cfg.model, _conversations(cfg), saved)
         if tokenizer is not None:
             on_main(tokenizer.save_pretrained, str(out / TOKENIZER_DIR))
     return tokenizer
 
 
 def build_model_and_data(cfg: RunConfig, out: Path, resumed: bool = False) -> tuple[VLM, TrainData]:
-    """The run's model and data, one path for every family: read the sources (GridNav generated first
-    when asked), build the model (around the run's tokenizer when it has one), then tokenize the
-    samples in the model's chat format and decode the frames at its frame size."""
+    """The run's model and data, one path for every family: GridNav generated first when asked, the
+    model built (around the run's tokenizer when it has one), then every source's sample index
+    opened (built once per node, by its first rank, when missing) and mixed for the run."""
     ensure_gridnav(cfg.data)
-    policy = ErrorPolicy(cfg.data.on_error)
-    sources = read_sources(cfg.data, policy, cfg.seed)
-    model = build_model(cfg, run_tokenizer(cfg, out, resumed, sources))
-    return model, load_data(cfg.data, model, cfg.seed, sources, policy)
+    model = build_model(cfg, run_tokenizer(cfg, out, resumed))
+    with local_main_first():
+        indexes = open_indexes(cfg.data, model, default_index_root(cfg.data.index_dir))
+    return model, load_data(cfg.data, model, cfg.seed, indexes, ErrorPolicy(cfg.data.on_error))
 
 
 def build_plan(cfg: RunConfig, data: TrainData, model: VLM, cached: bool, packing: Optional[bool] = None):
     """This rank's step plan (``data/sampler.py``); ``packing`` overrides ``data.packing`` (the naive
-    baseline of ``vlmtrain bench``). ``cached``: features come from a cache."""
+    baseline of ``vlmtrain bench``). ``cached``: features come from a cache. A packed plan's first
+    epoch is kept next to the sample indexes (``plans/``), so a warm start reads it instead of
+    planning it again."""
     rank, world = rank_and_world()
     dcfg = cfg.data if packing is None else dataclasses.replace(cfg.data, packing=packing)
     return make_plan(dcfg, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
-                     cached, one_row=uses_varlen(model))
+                     cached, one_row=uses_varlen(model), cache_dir=default_index_root(dcfg.index_dir) / "plans")
 
 
 def resolve_steps(cfg: RunConfig, plan) -> RunConfig:

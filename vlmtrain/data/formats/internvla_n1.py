@@ -62,6 +62,7 @@ __all__ = [
     "parse_dataset_name",
     "read_goals",
     "read_internvla_n1",
+    "read_internvla_n1_scene",
 ]
 
 SAMPLE_KINDS: tuple[str, ...] = ("action", "turn", "stop", "pixel_goal")
@@ -121,6 +122,13 @@ def read_internvla_n1(
     for root in roots:
         samples.extend(_read_scene(root, spec, policy, num_history, horizon, kinds, check_frames))
     return [samples[i] for i in select_indices(len(samples), spec.percent, seed, spec.name)]
+
+
+def read_internvla_n1_scene(root: Path, spec: N1DatasetName, policy: ErrorPolicy, num_history: int = 8
+                            ) -> list[ConvSample]:
+    """Every sample of one scene root, as :func:`read_internvla_n1` reads each root (default horizon and
+    kinds, frames checked); the unit a sample index builds in parallel."""
+    return _read_scene(Path(root), spec, policy, num_history, 4, SAMPLE_KINDS, True)
 
 
 class _Collector(ErrorPolicy):
