@@ -32,6 +32,14 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.startup:
+        from vlmtrain.tools.startup import startup_bench
+
+        cfg = _load(args)
+        sizes = [int(float(x)) for x in args.samples.split(",")]
+        record = startup_bench(cfg, sizes, Path(cfg.output_dir) / "startup")
+        print(json.dumps(record))
+        return 0
     if args.compare == "hf-trainer":
         from vlmtrain.tools.bench_compare import compare_hf_trainer, format_compare
 
@@ -128,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "on them is reported")
     b.add_argument("--cold-cache", action="store_true",
                    help="do not fill the feature cache before measuring (default: fill it, as `vlmtrain cache`)")
+    b.add_argument("--startup", action="store_true",
+                   help="instead of steps: cold and warm start-up (sample index build / open, step plan, resident memory "
+                        "per sample, first step) on InternData-N1-layout scene sets of --samples decision samples, "
+                        "written once under OUTPUT_DIR/startup (docs/benchmarks.md)")
+    b.add_argument("--samples", default="10000,100000,1000000",
+                   help="--startup: comma-separated scene-set sizes in samples (default 10000,100000,1000000)")
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("cache", help="precompute the frozen-encoder feature cache of a config's data", description=(
