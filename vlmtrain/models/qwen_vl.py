@@ -142,11 +142,10 @@ class QwenVLAdapter(HFVLMAdapter):
         return list(self._piece_ids(text))
 
     def _image_ids(self) -> list[int]:
-        # Built once per frame size: HF config attribute reads cost more than the rest of an encode.
-        block = self.__dict__.get("_image_block")
+        block = self.__dict__.get("_image_block")  # per frame size: HF config reads cost more than an encode
         if block is None or block[0] != self.frame_size:
-            cfg = self.hf.config
-            ids = [cfg.vision_start_token_id] + [cfg.image_token_id] * self.tokens_per_frame() + [cfg.vision_end_token_id]
+            c = self.hf.config
+            ids = [c.vision_start_token_id] + [c.image_token_id] * self.tokens_per_frame() + [c.vision_end_token_id]
             block = self.__dict__["_image_block"] = (self.frame_size, ids)
         return block[1]
 

@@ -218,27 +218,17 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> Optional[T]:
 
 
 @contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the block before every other rank (e.g. it writes a file the others then read).
-    A no-op at world size 1. If rank 0 fails inside, the others fail at the barrier's timeout."""
-    if _group_active() and dist.get_rank() != 0:
-        dist.barrier()
-    yield
-    if _group_active() and dist.get_rank() == 0:
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def local_main_first() -> Iterator[None]:
-    """The first rank of each node (``LOCAL_RANK`` 0) runs the block before the node's other ranks
-    (e.g. it builds a node-local file the others then open). Every rank passes one barrier."""
+def main_first(local: bool = False) -> Iterator[None]:
+    """Rank 0 runs the block before every other rank (e.g. it writes a file the others then read);
+    ``local``: the first rank of each node (``LOCAL_RANK`` 0) before the node's others (a node-local
+    file). A no-op at world size 1; every rank passes one barrier. If a first rank fails inside, the
+    others fail at the barrier's timeout."""
     if not _group_active():
         yield
         return
-    local = _env_int("LOCAL_RANK", dist.get_rank())
-    if local != 0:
+    first = (_env_int("LOCAL_RANK", dist.get_rank()) if local else dist.get_rank()) == 0
+    if not first:
         dist.barrier()
     yield
-    if local == 0:
+    if first:
         dist.barrier()
-

@@ -36,8 +36,7 @@ from vlmtrain.models.registry import build_model as build_family_model
 from vlmtrain.models.registry import build_tokenizer
 from vlmtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine, deepspeed_config_from
-from vlmtrain.parallel.init import (DistInfo, get_logger, is_main, local_main_first, main_first, on_main,
-                                   rank_and_world)
+from vlmtrain.parallel.init import DistInfo, get_logger, is_main, main_first, on_main, rank_and_world
 from vlmtrain.parallel.parallelize import parallelize
 from vlmtrain.train.optim import apply_freeze, build_optimizer, build_scheduler
 from vlmtrain.train.prefetch import BatchPrefetcher
@@ -114,7 +113,7 @@ def build_model_and_data(cfg: RunConfig, out: Path, resumed: bool = False) -> tu
     opened (built once per node, by its first rank, when missing) and mixed for the run."""
     ensure_gridnav(cfg.data)
     model = build_model(cfg, run_tokenizer(cfg, out, resumed))
-    with local_main_first():
+    with main_first(local=True):
         indexes = open_indexes(cfg.data, model, default_index_root(cfg.data.index_dir))
     return model, load_data(cfg.data, model, cfg.seed, indexes, ErrorPolicy(cfg.data.on_error))
 
