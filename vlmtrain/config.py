@@ -156,6 +156,20 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers beside metrics.jsonl (rank 0 only; each needs its optional extra)."""
+
+    tensorboard: bool = False  # write TensorBoard event files to output_dir/tensorboard (vlmtrain[tensorboard])
+    wandb: bool = False  # log to Weights & Biases (vlmtrain[wandb])
+    wandb_project: str = "vlmtrain"  # W&B project
+    wandb_run_name: str = ""  # W&B run name ("": the output_dir's folder name)
+    wandb_mode: str = "offline"  # W&B mode: offline (files under output_dir/wandb, `wandb sync` later) | online | disabled
+    mlflow: bool = False  # log to MLflow (vlmtrain[mlflow])
+    mlflow_uri: str = ""  # MLflow tracking URI ("": a local file store, output_dir/mlruns)
+    mlflow_experiment: str = "vlmtrain"  # MLflow experiment name
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -169,6 +183,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 class ConfigError(ValueError):
@@ -218,6 +233,7 @@ def _validate(cfg: RunConfig) -> None:
         "features.cache": (cfg.features.cache, {"off", "auto", "on"}),
         "data.packed_attention": (cfg.data.packed_attention, {"varlen", "mask"}),
         "features.dtype": (cfg.features.dtype, {"bf16", "fp16"}),
+        "tracking.wandb_mode": (cfg.tracking.wandb_mode, {"offline", "online", "disabled"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
