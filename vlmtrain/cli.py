@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from vlmtrain.config import ConfigError, RunConfig, load_config
+from vlmtrain.data.errors import DataError
+from vlmtrain.errors import CheckpointError
 from vlmtrain.presets import PRESETS, get_preset
 
 
@@ -194,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"vlmtrain: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # names the annotation file, the record and the reason
+        print(f"vlmtrain: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"vlmtrain: checkpoint error: {e}", file=sys.stderr)
         return 2
     except KeyError as e:
         print(f"vlmtrain: {e.args[0] if e.args else e}", file=sys.stderr)

@@ -284,23 +284,24 @@ def _drop_rejected(store: _Store, sources: list[_Source], uniq: np.ndarray, max_
     return keep
 
 
-def _drop_unreadable(store: _Store, uniq: np.ndarray, bad_frames: np.ndarray, policy: ErrorPolicy) -> np.ndarray:
-    """Keep-mask over ``uniq``: samples showing a frame in ``bad_frames`` (global ids) are dropped
-    (``unreadable_image``, naming the file and the record); raise mode names the first file by path."""
+def _drop_unreadable(store: _Store, sources: list[_Source], uniq: np.ndarray, bad_frames: np.ndarray,
+                     policy: ErrorPolicy) -> np.ndarray:
+    """Keep-mask over ``uniq``: samples showing a frame in ``bad_frames`` (global ids) go to ``policy``
+    in plan order as ``unreadable_image``, naming the annotation file, the record that referenced the
+    image and the image itself (raise mode stops at the first)."""
     if not len(bad_frames):
         return np.ones(len(uniq), dtype=bool)
-    if policy.raises:
-        raise DataError(sorted(store.path(int(f)) for f in bad_frames)[0], "unreadable_image",
-                        detail="cannot be opened as an image")
     flat, counts = store.frames_of(uniq)
     hit = np.isin(flat, bad_frames)
     owner = np.repeat(np.arange(len(uniq)), counts)
     dropped = np.unique(owner[hit])
+    starts = np.array([s.start for s in sources], dtype=np.int64)
     for j in dropped.tolist():
         index, local, _ = store.locate(int(uniq[j]))
         first = int(flat[np.flatnonzero(hit & (owner == j))[0]])
-        policy.handle(DataError(store.path(first), "unreadable_image", index.record(local),
-                                "cannot be opened as an image"))
+        blame = sources[int(np.searchsorted(starts, uniq[j], side="right")) - 1].blame
+        policy.handle(DataError(blame, "unreadable_image", index.record(local),
+                                f"image {store.path(first)} cannot be opened as an image"))
     keep = np.ones(len(uniq), dtype=bool)
     keep[dropped] = False
     return keep
@@ -314,14 +315,13 @@ def _used_frames(store: _Store, uniq: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mark)
 
 
-def _decode(paths: list[str], size: int, workers: int, policy: ErrorPolicy) -> tuple[torch.Tensor, list[int]]:
-    """Decode every frame once; in skip mode an unreadable file becomes a zero frame whose position is
-    returned. The per-file retry runs only after a failure."""
+def _decode(paths: list[str], size: int, workers: int) -> tuple[torch.Tensor, list[int]]:
+    """Decode every frame once; an unreadable file becomes a zero frame whose position is returned
+    (the caller blames the records that show it). The per-file retry runs only after a failure."""
     try:
         return decode_frames(paths, size, workers), []
     except DataError:
-        if policy.raises:
-            raise
+        pass
     frames = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
     bad = []
     for i, path in enumerate(paths):
@@ -347,7 +347,7 @@ def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], polic
     used = _used_frames(store, uniq)
     unreadable = used[~store.frame_ok(used)]
     if len(unreadable):
-        uniq = uniq[_drop_unreadable(store, uniq, unreadable, policy)]
+        uniq = uniq[_drop_unreadable(store, sources, uniq, unreadable, policy)]
         used = _used_frames(store, uniq)
     height, width = model.frame_size
     if height != width:
@@ -360,16 +360,17 @@ def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], polic
     if dcfg.workers > 0 or eager_bytes > EAGER_FRAME_BYTES:
         frames = LazyFrames(FramePaths(store, used), height)
     else:
-        frames, bad = _decode([store.path(int(f)) for f in used], height, dcfg.load_workers, policy)
+        frames, bad = _decode([store.path(int(f)) for f in used], height, dcfg.load_workers)
         if bad:
-            uniq = uniq[_drop_unreadable(store, uniq, used[bad], _Counting(policy))]
+            uniq = uniq[_drop_unreadable(store, sources, uniq, used[bad], policy)]
             kept = _used_frames(store, uniq)
             frames, used = frames[torch.from_numpy(np.searchsorted(used, kept))], kept
     if len(uniq) < picked:  # something was dropped (rows and uniq are both sorted)
         pos = np.minimum(np.searchsorted(uniq, rows), max(len(uniq) - 1, 0))
         rows = rows[(uniq[pos] == rows) if len(uniq) else np.zeros(len(rows), dtype=bool)]
     if not len(rows):
-        raise ValueError(f"no usable training sample in {[s.blame for s in sources]} (skipped: {policy.summary()})")
+        raise DataError(", ".join(s.blame for s in sources), "no_usable_sample",
+                        detail=f"every sample was skipped ({policy.summary()})")
     lookup = np.full(int(store.frame_base[-1]), -1, dtype=np.int32)
     lookup[used] = np.arange(len(used), dtype=np.int32)
     available = {s.name: s.count for s in sources}
@@ -384,12 +385,3 @@ def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], polic
     table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
     return TrainData(SampleTable(store, rows, lookup), frames, int(model.tokenizer.pad_token_id),
                      int(model.image_token_id), table, policy.summary())
-
-
-class _Counting(ErrorPolicy):
-    """Skip-mode counting into ``policy`` (a decode failure found after the raise-mode checks passed
-    is only possible in skip mode: raise mode raised in ``_decode``)."""
-
-    def __init__(self, policy: ErrorPolicy):
-        super().__init__("skip")
-        self.skipped, self.examples = policy.skipped, policy.examples

@@ -55,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmtrain.durable import fsync_dir
+from vlmtrain.errors import CheckpointError
 from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine
 from vlmtrain.parallel.init import barrier, broadcast_object, gather_to_main, get_logger, on_main, rank_and_world
 from vlmtrain.parallel.root import unwrap
@@ -103,7 +104,7 @@ def load_model_state(model: nn.Module, directory: Path) -> None:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-        raise ValueError(f"{directory / TRAINED} does not match the model's trainable parameters "
+        raise CheckpointError(f"{directory / TRAINED} does not match the model's trainable parameters "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]}); was the model, freeze or LoRA "
                          "setting changed since it was written?")
     with torch.no_grad():
@@ -248,7 +249,19 @@ def save_run_checkpoint(ckpt_root: Path, step: int, parallel: nn.Module, optimiz
 
 def load_run_checkpoint(path: Path, parallel: nn.Module, optimizer, scheduler) -> dict[str, Any]:
     """Restore weights, optimizer, schedule and this rank's RNG from ``path`` (either format; a DCP
-    checkpoint of any world size); returns the trainer state (``step``, ``totals``, ...)."""
+    checkpoint of any world size); returns the trainer state (``step``, ``totals``, ...). A checkpoint
+    that cannot be read or does not fit the run raises :class:`CheckpointError` naming it."""
+    try:
+        return _load_run_checkpoint(path, parallel, optimizer, scheduler)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, torch.load, json and DCP each raise their own types
+        # and say what broke, but not which run's checkpoint it was
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint: {detail}") from e
+
+
+def _load_run_checkpoint(path: Path, parallel: nn.Module, optimizer, scheduler) -> dict[str, Any]:
     if isinstance(parallel, DeepSpeedEngine) or (path / DEEPSPEED_DIR).is_dir():
         return _load_deepspeed(path, parallel)
     model = unwrap(parallel)
@@ -267,7 +280,7 @@ def load_run_checkpoint(path: Path, parallel: nn.Module, optimizer, scheduler) -
         state = json.loads((path / STATE).read_text())
         scheduler.load_state_dict(state["scheduler"])
     elif is_sharded(parallel):
-        raise ValueError(f"{path} is a plain (one-process or DDP) checkpoint; parallel.backend=fsdp2 resumes "
+        raise CheckpointError(f"{path} is a plain (one-process or DDP) checkpoint; parallel.backend=fsdp2 resumes "
                          "only from its own DCP checkpoints: resume it with backend none or ddp")
     else:
         state = load_checkpoint(path, model, optimizer, scheduler)  # restores rank 0's RNG (rng.pt)
@@ -290,10 +303,10 @@ def _load_deepspeed(path: Path, parallel: nn.Module | DeepSpeedEngine) -> dict[s
     saved = json.loads((path / STATE).read_text()) if (path / STATE).exists() else {}
     if not isinstance(parallel, DeepSpeedEngine) or not (path / DEEPSPEED_DIR).is_dir():
         kind = "DeepSpeed" if (path / DEEPSPEED_DIR).is_dir() else "plain or DCP"
-        raise ValueError(f"{path} is a {kind} checkpoint: resume it with the backend that wrote it (a DeepSpeed "
+        raise CheckpointError(f"{path} is a {kind} checkpoint: resume it with the backend that wrote it (a DeepSpeed "
                          "checkpoint converts to whole weights with deepspeed/zero_to_fp32.py)")
     if int(saved.get("world_size", world)) != world:
-        raise ValueError(f"{path} was written by {saved['world_size']} DeepSpeed ranks; resume it on as many "
+        raise CheckpointError(f"{path} was written by {saved['world_size']} DeepSpeed ranks; resume it on as many "
                          f"(this run has {world}) or convert it with deepspeed/zero_to_fp32.py")
     client = parallel.load(path / DEEPSPEED_DIR, tag=DEEPSPEED_TAG)
     set_rng_state(client.pop("rng_ranks")[rank])
