@@ -118,7 +118,8 @@ class OptimConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
-    warmup_steps: int = 50  # linear warmup steps
+    warmup_steps: int = 50  # linear warmup steps (ignored when optim.warmup_ratio > 0)
+    warmup_ratio: float = 0.0  # >0: warmup steps = ceil(warmup_ratio x train.steps), e.g. 0.03 as in HF recipes
     min_lr_ratio: float = 0.05  # cosine floor as a fraction of each part's peak rate
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
 
@@ -261,11 +262,13 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value}: must be > 0")
     non_negative = {"data.workers": cfg.data.workers, "features.max_gib": cfg.features.max_gib,
                     "data.episode_group": cfg.data.episode_group, "data.max_pack_tokens": cfg.data.max_pack_tokens,
-                    "train.epochs": cfg.train.epochs,
+                    "train.epochs": cfg.train.epochs, "optim.warmup_steps": cfg.optim.warmup_steps,
                     "data.max_pack_vision": cfg.data.max_pack_vision}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio}: must be in [0, 1)")
     problems = parallel_problems(cfg.parallel, cfg.memory)
     if problems:
         raise ConfigError(problems[0])

@@ -24,7 +24,8 @@ Booleans accept `true`/`false`; `null` sets an optional value back to unset. Thi
 
 SECTIONS = [("", C.RunConfig), ("data.", C.DataConfig), ("data.sources[].", C.SourceConfig), ("model.", C.ModelConfig), ("features.", C.FeaturesConfig),
             ("optim.", C.OptimConfig), ("train.", C.TrainConfig),
-            ("parallel.", C.ParallelConfig), ("memory.", C.MemoryConfig), ("eval.", C.EvalConfig)]
+            ("parallel.", C.ParallelConfig), ("memory.", C.MemoryConfig), ("eval.", C.EvalConfig),
+            ("tracking.", C.TrackingConfig)]
 
 
 def _default_text(f: dataclasses.Field, source_text: str) -> str:

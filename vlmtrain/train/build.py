@@ -129,14 +129,20 @@ def build_plan(cfg: RunConfig, data: TrainData, model: VLM, cached: bool, packin
                      cached, one_row=uses_varlen(model), cache_dir=default_index_root(dcfg.index_dir) / "plans")
 
 
-def resolve_steps(cfg: RunConfig, plan) -> RunConfig:
-    """``cfg`` with ``train.steps`` set from ``train.epochs`` when that is > 0: ceil(epochs x the step
-    plan's steps per epoch), so every rank and every later builder sees one step count."""
-    if cfg.train.epochs <= 0:
-        return cfg
-    steps = max(1, math.ceil(cfg.train.epochs * plan.steps_per_epoch))
-    log.info("train.epochs=%g: %d steps (%d per epoch)", cfg.train.epochs, steps, plan.steps_per_epoch)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+def resolve_steps(cfg: RunConfig, plan, world_size: int = 1) -> RunConfig:
+    """``cfg`` with the run's length resolved, so every rank and every later builder sees one count:
+    ``train.steps`` = ceil(``train.epochs`` x the plan's steps per epoch) when epochs > 0, and
+    ``optim.warmup_steps`` = ceil(``optim.warmup_ratio`` x steps) when the ratio is > 0. Logs the
+    resolved steps, steps per epoch, warmup and global batch at start."""
+    train, optim = cfg.train, cfg.optim
+    if train.epochs > 0:
+        train = dataclasses.replace(train, steps=max(1, math.ceil(train.epochs * plan.steps_per_epoch)))
+    if optim.warmup_ratio > 0:
+        optim = dataclasses.replace(optim, warmup_steps=math.ceil(optim.warmup_ratio * train.steps))
+    log.info("run length: %d steps (%.3g epochs, %d steps per epoch), warmup %d steps, global batch %d samples "
+             "(%d micro-batches x %d ranks)", train.steps, train.steps / plan.steps_per_epoch, plan.steps_per_epoch,
+             optim.warmup_steps, train.batch_size, train.grad_accum, world_size)
+    return dataclasses.replace(cfg, train=train, optim=optim)
 
 
 def rank_features(fcfg: FeaturesConfig, pcfg: ParallelConfig, info: DistInfo, out: Path) -> FeaturesConfig:

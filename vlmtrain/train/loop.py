@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from functools import partial
@@ -14,6 +15,7 @@ from vlmtrain.features.source import open_feature_source
 from vlmtrain.metrics.meter import StepMeter
 from vlmtrain.metrics.progress import Progress
 from vlmtrain.metrics.sinks import JsonlSink, NullSink
+from vlmtrain.metrics.tracking import FanoutSink, open_tracking
 from vlmtrain.models.parts import trainable_counts
 from vlmtrain.parallel.init import DistInfo, all_reduce_max, all_reduce_values, get_logger, init_distributed, on_main
 from vlmtrain.parallel.memory import SyncedEmptyCache, configure_allocator, memory_stats, rank_metrics
@@ -33,6 +35,14 @@ def main_sink(path: Path, start: int, enabled: bool = True):
     """A JSONL sink on rank 0 (a resumed run drops the lines after ``start`` and rewrites them); a null
     sink on the other ranks or when not ``enabled``."""
     return (on_main(JsonlSink, path, truncate_after_step=start) if enabled else None) or NullSink()
+
+
+def run_sink(cfg: RunConfig, out: Path, start: int):
+    """Where the loop's metrics go: ``metrics.jsonl`` plus the trackers ``tracking.*`` enables
+    (TensorBoard, W&B, MLflow, with the resolved config), on rank 0; a null sink elsewhere."""
+    jsonl = main_sink(out / "metrics.jsonl", start)
+    trackers = on_main(open_tracking, cfg.tracking, out, dataclasses.asdict(cfg), out.name) or []
+    return FanoutSink([jsonl, *trackers]) if trackers else jsonl
 
 
 def log_metrics(meter: StepMeter, epoch: float, info: DistInfo, empty_cache: SyncedEmptyCache) -> dict:
@@ -88,7 +98,7 @@ def train(cfg: RunConfig) -> dict:
     source = open_feature_source(rank_features(cfg.features, cfg.parallel, info, out), model, out,
                                  frames=len(data.frames))  # whole weights
     plan = build_plan(cfg, data, model, source.uses_cache)  # this rank's step plan, planned once
-    cfg = resolve_steps(cfg, plan)  # train.epochs -> train.steps
+    cfg = resolve_steps(cfg, plan, info.world_size)  # train.epochs -> train.steps, optim.warmup_ratio -> warmup_steps
     on_main(save_config, cfg, out / "config.yaml")
     flops = run_flops(model, source)  # counts whole weights too (ZeRO-3 leaves empty placeholders)
     parallel, optimizer, scheduler = parallel_and_optimizer(model, cfg, info, out, source.uses_cache)
@@ -105,7 +115,7 @@ def train(cfg: RunConfig) -> dict:
     batches = sink = sample_log = None
     try:
         batches, _ = build_batches(cfg, data, model, source, start, cfg.train.steps, plan=plan)
-        sink = main_sink(out / "metrics.jsonl", start)
+        sink = run_sink(cfg, out, start)
         sample_log = main_sink(out / "samples.jsonl", start, enabled=cfg.train.record_samples)  # rank 0's samples
         parallel.train()
         source.settle(model)
