@@ -49,7 +49,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 # The bottom layer is a few root modules that may import each other.
-CONFIG_LAYER = {"config", "config_parallel", "config_sources", "durable"}
+CONFIG_LAYER = {"config", "config_parallel", "config_sources", "durable", "errors"}
 
 
 def _folder(module: str) -> str:
