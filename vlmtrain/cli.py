@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlmtrain.config import ConfigError, RunConfig, load_config
 from vlmtrain.data.errors import DataError
-from vlmtrain.errors import CheckpointError
+from vlmtrain.errors import CheckpointError, NonFiniteError
 from vlmtrain.presets import PRESETS, get_preset
 
 
@@ -21,8 +21,9 @@ def _train(args: argparse.Namespace) -> int:
     from vlmtrain.train.loop import train
 
     summary = train(_load(args))  # under torchrun every rank runs this (docs/distributed.md)
-    print0(json.dumps({k: summary[k] for k in ("steps", "samples", "train_wall_s", "samples_per_s",
-                                               "tokens_per_s", "final_loss")}))
+    keys = ("preempted_at_step", "steps") if "preempted_at_step" in summary else (
+        "steps", "samples", "train_wall_s", "samples_per_s", "tokens_per_s", "final_loss")
+    print0(json.dumps({k: summary[k] for k in keys}))  # a preempted run exits 0 too: resume continues it
     destroy()
     return 0
 
@@ -203,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"vlmtrain: checkpoint error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # names the step and its samples; a training failure, not a bad input
+        print(f"vlmtrain: training stopped: {e}", file=sys.stderr)
+        return 1
     except KeyError as e:
         print(f"vlmtrain: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

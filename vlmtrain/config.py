@@ -144,6 +144,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     grad_checkpointing: list[str] = field(default_factory=list)  # parts whose layers recompute activations in backward, e.g. [llm] or [vision, llm]
     record_samples: bool = False  # write the sample ids of every step to samples.jsonl (checks data order and resume)
+    on_nonfinite: str = "skip"  # a NaN/Inf loss or grad norm: skip (no update, counted, warned with the sample ids) | stop (error naming step and samples)
 
 
 @dataclass
@@ -235,6 +236,7 @@ def _validate(cfg: RunConfig) -> None:
         "data.packed_attention": (cfg.data.packed_attention, {"varlen", "mask"}),
         "features.dtype": (cfg.features.dtype, {"bf16", "fp16"}),
         "tracking.wandb_mode": (cfg.tracking.wandb_mode, {"offline", "online", "disabled"}),
+        "train.on_nonfinite": (cfg.train.on_nonfinite, {"skip", "stop"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -6,3 +6,9 @@ from __future__ import annotations
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from (unreadable, truncated, or of another model or backend);
     the message names the checkpoint directory."""
+
+
+class NonFiniteError(RuntimeError):
+    """A run stopped because a step's loss or gradient norm was NaN/Inf (``train.on_nonfinite=stop``)
+    or the weights became non-finite; the message names the step and the samples it trained on. The
+    CLI prints it as one line and exits 1: it is a training failure, not a bad input."""

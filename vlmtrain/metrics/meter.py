@@ -49,9 +49,11 @@ class StepMeter:
         self._reset()
         self._totals = {"wall_s": 0.0, "samples": 0, "tokens": 0}
         self.last_loss = float("nan")
+        self.skipped_total = 0  # non-finite steps since the meter started (a resumed run adds its checkpoint's)
 
     def _reset(self) -> None:
         self._n = 0
+        self._skipped = 0  # steps of the window whose loss or grad norm was non-finite (no update)
         self._sum = {"loss": 0.0, "grad_norm": 0.0, "data_s": 0.0, "step_s": 0.0, "flops": 0.0}
         self._c: dict[str, float] = {}
         self._extra: dict[str, float] = {}  # namespaced values a step returns itself (e.g. deepspeed/fwd_ms)
@@ -64,7 +66,11 @@ class StepMeter:
         for k, v in result.items():
             if "/" in k:
                 self._extra[k] = self._extra.get(k, 0.0) + float(v)
-        for k, v in (("loss", result["loss"]), ("grad_norm", result["grad_norm"]), ("data_s", data_s), ("step_s", step_s)):
+        nonfinite = bool(result.get("nonfinite", False))
+        self._skipped += nonfinite
+        self.skipped_total += nonfinite
+        finite = () if nonfinite else (("loss", result["loss"]), ("grad_norm", result["grad_norm"]))
+        for k, v in (*finite, ("data_s", data_s), ("step_s", step_s)):
             self._sum[k] += v
         counts = step_counts(micro, int(result.get("frames_encoded", sum(int(b.pixels.shape[0]) for b in micro))))
         for k, v in counts.items():
@@ -76,11 +82,13 @@ class StepMeter:
         self._totals["wall_s"] += step_s
         self._totals["samples"] += counts["samples"]
         self._totals["tokens"] += counts["tokens"]
-        self.last_loss = result["loss"]
+        if not nonfinite:
+            self.last_loss = result["loss"]
 
     def flush(self, epoch: float) -> dict[str, float]:
         """Averages since the last flush under fixed keys; resets the window."""
         n, s, c = max(self._n, 1), self._sum, self._c
+        finite_n = self._n - self._skipped  # loss and grad norm average the steps that updated
         if self.reduce_sum is not None:
             keys = [k for k in SUMMED_OVER_RANKS if k in c]
             summed = self.reduce_sum([c[k] for k in keys] + [s["flops"]])
@@ -88,9 +96,10 @@ class StepMeter:
         wall = max(s["step_s"], 1e-9)
         samples = max(c.get("samples", 0), 1)
         out = {
-            "loss/train": round(s["loss"] / n, 6),
+            **({"loss/train": round(s["loss"] / finite_n, 6)} if finite_n else {}),
             "optim/lr": self._lr,
-            "optim/grad_norm": round(s["grad_norm"] / n, 6),
+            **({"optim/grad_norm": round(s["grad_norm"] / finite_n, 6)} if finite_n else {}),
+            "train/nonfinite_skipped": self._skipped,
             "throughput/samples_per_s": round(c.get("samples", 0) / wall, 2),
             "throughput/tokens_per_s": round(c.get("tokens", 0) / wall, 1),
             "throughput/tgs": round(tgs(c.get("samples", 0) / wall, c.get("tokens", 0) / samples, self.world_size), 1),

@@ -37,7 +37,8 @@ class Progress:
         """Advance to ``step``; ``metrics`` (a log step) refreshes the shown values."""
         info = None
         if metrics:
-            info = (f"loss {metrics['loss/train']:.4f}  lr {metrics['optim/lr']:.2e}  "
+            loss = f"{metrics['loss/train']:.4f}" if "loss/train" in metrics else "skipped (non-finite)"
+            info = (f"loss {loss}  lr {metrics['optim/lr']:.2e}  "
                     f"{metrics['throughput/samples_per_s']:.0f} samples/s")
         if self._bar is not None:
             self._bar.update(self._task, completed=step, **({"info": info} if info else {}))

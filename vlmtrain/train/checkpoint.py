@@ -59,6 +59,7 @@ from vlmtrain.errors import CheckpointError
 from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine
 from vlmtrain.parallel.init import barrier, broadcast_object, gather_to_main, get_logger, on_main, rank_and_world
 from vlmtrain.parallel.root import unwrap
+from vlmtrain.train.guards import assert_finite_weights
 
 STATE = "trainer_state.json"
 OPTIM = "optimizer.pt"
@@ -216,7 +217,9 @@ def latest_run_checkpoint(ckpt_root: Path) -> Optional[Path]:
 
 def save_run_checkpoint(ckpt_root: Path, step: int, parallel: nn.Module, optimizer, scheduler,
                         trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint ``step`` in the backend's format (module docstring); returns its final path."""
+    """Write checkpoint ``step`` in the backend's format (module docstring); returns its final path.
+    Trainable weights holding NaN/Inf on any rank raise :class:`NonFiniteError` instead (nothing written)."""
+    assert_finite_weights(unwrap(parallel), step)
     rngs = gather_to_main(rng_state())
     state = dict(trainer_state, world_size=_world())
     final = ckpt_root / f"step-{step:07d}"

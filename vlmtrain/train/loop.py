@@ -26,6 +26,7 @@ from vlmtrain.train.build import (
 from vlmtrain.train.checkpoint import (
     latest_run_checkpoint, load_run_checkpoint, model_for_saving, save_run_checkpoint,
 )
+from vlmtrain.train.guards import Preemption, check_step, fault_steps
 from vlmtrain.train.step import train_step
 
 RANK_SEED_STRIDE = 1_000_003  # rank r of a multi-process run draws from seed + stride * (r + 1) after the model is built
@@ -110,9 +111,13 @@ def train(cfg: RunConfig) -> dict:
 
     meter = StepMeter(flops, device_peak(info.device, cfg.train.precision), info.world_size,
                       reduce_sum=partial(all_reduce_values, op="sum"))
+    meter.skipped_total = state.get("nonfinite_skipped", 0)
     empty_cache = SyncedEmptyCache(cfg.memory.empty_cache_reserved_gib, on_retries=cfg.memory.empty_cache_on_retries,
                                    enabled=cfg.memory.empty_cache_on_retries or cfg.memory.empty_cache_reserved_gib > 0)
+    faults = fault_steps(info.rank)  # steps poisoned with NaN ($VLMTRAIN_FAULT_NONFINITE; tests and drills)
     batches = sink = sample_log = None
+    stopped_at = None  # the step a preemption signal stopped the run after
+    preemption = Preemption()  # from here on SIGTERM / SIGUSR1 mean "checkpoint after this step and exit 0"
     try:
         batches, _ = build_batches(cfg, data, model, source, start, cfg.train.steps, plan=plan)
         sink = run_sink(cfg, out, start)
@@ -125,26 +130,41 @@ def train(cfg: RunConfig) -> dict:
                 micro = batches.next()
                 t1 = time.perf_counter()
                 result = train_step(model, micro, optimizer, scheduler, cfg.optim.grad_clip, cfg.train.precision,
-                                    info.device, source, world_size=info.world_size, parallel=parallel)
+                                    info.device, source, world_size=info.world_size, parallel=parallel,
+                                    inject_nonfinite=step in faults)
+                sample_log.log(step, {"sample_ids": [i for b in micro for i in b.sample_ids]})
+                check_step(step, result, micro, cfg.train.on_nonfinite, log)  # skip (warn) or stop, all ranks alike
                 meter.update(micro, result, data_s=t1 - t0, step_s=time.perf_counter() - t0,
                              lr=optimizer.param_groups[0]["lr"])
                 empty_cache(info.device)  # all ranks at the same step, or none
-                sample_log.log(step, {"sample_ids": [i for b in micro for i in b.sample_ids]})
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                preempted = preemption.requested(info.world_size)  # every rank stops after the same step
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps or preempted:
                     metrics = log_metrics(meter, plan.epoch_of(step), info, empty_cache)
                     sink.log(step, metrics)
                     bar.update(step, metrics)
                 else:
                     bar.update(step)
-                if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps:
-                    state = {"totals": add_totals(state["totals"], meter)}
+                if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps or preempted:
+                    state = {"totals": add_totals(state["totals"], meter), "nonfinite_skipped": meter.skipped_total}
                     save_run_checkpoint(out / "checkpoints", step, parallel, optimizer, scheduler, state,
                                         cfg.train.keep_checkpoints)
+                if preempted:
+                    log.warning("%s: stopped after step %d with a checkpoint; continue with train.resume=true",
+                                preemption.name, step)
+                    stopped_at = step
+                    break
     finally:
+        preemption.close()
         for resource in (batches, sink, sample_log, source):
             if resource is not None:
                 resource.close()
+    if stopped_at is not None:  # no final model: the run is not finished
+        summary = {"preempted_at_step": stopped_at, "steps": cfg.train.steps, "world_size": info.world_size,
+                   "nonfinite_skipped": meter.skipped_total}
+        on_main((out / "summary.json").write_text, json.dumps(summary, indent=1))
+        return summary
     on_main(lambda m: m.save_final(out / "model"), model_for_saving(parallel, lambda: build_model(cfg, model.tokenizer)))
-    summary = dict(meter.summary(cfg.train.steps, state["totals"], data.stats(), trainable), world_size=info.world_size)
+    summary = dict(meter.summary(cfg.train.steps, state["totals"], data.stats(), trainable), world_size=info.world_size,
+                   nonfinite_skipped=meter.skipped_total)
     on_main((out / "summary.json").write_text, json.dumps(summary, indent=1))
     return summary

@@ -9,6 +9,7 @@ every rank and micro-batch, so the gradient equals that of one big batch however
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 from typing import Optional, Sequence, Union
@@ -116,6 +117,7 @@ def train_step(
     model: VLM, micro_batches: Sequence[Batch], optimizer, scheduler, grad_clip: float, precision: str,
     device: torch.device, source: Optional[FeatureSource] = None, timer: Optional[PhaseTimer] = None,
     world_size: int = 1, parallel: Optional[Union[torch.nn.Module, DeepSpeedEngine]] = None,
+    inject_nonfinite: bool = False,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch, clip, step; the loss is normalised by the step's label tokens.
 
@@ -131,6 +133,13 @@ def train_step(
     backward of each weighted loss (told which is the step's last) and the optimizer step: its own
     clipping (``gradient_clipping`` = ``grad_clip``), the optimizer and scheduler it was built with,
     zeroing; its wall-clock breakdown, when on, is returned as ``deepspeed/*_ms``.
+
+    **Non-finite steps.** When the step's loss (summed over ranks) or its global gradient norm is
+    NaN/Inf, the optimizer does not step (the gradients are dropped, the schedule still advances) and
+    the result says ``nonfinite``; both values are global, so every rank decides the same without
+    another collective. A DeepSpeed engine steps inside ``engine.step()``, so there the update has
+    already happened and ``updated`` is True: the caller must stop. ``inject_nonfinite`` multiplies
+    the losses by NaN before backward (fault injection: ``VLMTRAIN_FAULT_NONFINITE``, tests).
     """
     engine = parallel if isinstance(parallel, DeepSpeedEngine) else None
     forward = parallel if parallel is not None else (lambda fn, *args, **kw: fn(model, *args, **kw))
@@ -143,6 +152,8 @@ def train_step(
         with accumulation_context(parallel if parallel is not None else model, last):
             with autocast_context(precision, device):
                 loss, n = forward(micro_loss, b, device, source, timer)
+            if inject_nonfinite:
+                loss = loss * float("nan")
             encoded += n
             weight = b.num_label_tokens * world_size / max(total_labels, 1)
             with timer("backward"):
@@ -151,17 +162,22 @@ def train_step(
                 else:
                     (loss * weight).backward()
         loss_sum += float(loss.detach()) * weight
+    loss = loss_sum / world_size  # this rank's share of the step's loss
+    loss = all_reduce_sum(loss) if parallel is not None else loss
     with timer("optimizer"):
         if engine is not None:
             grad_norm = engine.step()
+            finite, updated = math.isfinite(loss) and math.isfinite(grad_norm), True
         else:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             max_norm = grad_clip if grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            optimizer.step()
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            updated = finite
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-    loss = loss_sum / world_size  # this rank's share of the step's loss
-    out = {"loss": all_reduce_sum(loss) if parallel is not None else loss, "grad_norm": grad_norm,
-           "frames_encoded": encoded}
+    out = {"loss": loss, "grad_norm": grad_norm, "frames_encoded": encoded, "nonfinite": not finite,
+           "updated": updated}
     return {**out, **engine.timings()} if engine is not None else out
