@@ -243,3 +243,26 @@ def test_parallel_config_keys(tiny_cfg):
                       ("parallel.deepspeed_reduce_bucket_size=0", "must be > 0")):
         with pytest.raises(ConfigError, match=hint):
             load_config(tiny_cfg, overrides=[bad])
+
+
+@pytest.mark.slow
+def test_ddp_nan_on_one_rank_is_skipped_by_both(reference, gridnav_root, tmp_path):
+    """A NaN loss on rank 1 only at step 3: both ranks skip that update (they decide from the loss
+    summed over ranks), the run goes on in step, and its weights equal one process that skipped step 3."""
+    from vlmtrain.train.guards import FAULT_ENV
+
+    cfg = run_config(gridnav_root, tmp_path / "ddp_nan")
+    cfg.parallel.backend = "ddp"
+    torchrun_train(cfg, tmp_path, env={FAULT_ENV: "3@1"})
+    run = Path(cfg.output_dir)
+    got = metrics(run)
+    assert [m["train/nonfinite_skipped"] for m in got] == [0, 0, 1, 0, 0]
+    assert json.loads((run / "summary.json").read_text())["nonfinite_skipped"] == 1
+    one = run_config(gridnav_root, tmp_path / "one_nan")
+    os.environ[FAULT_ENV] = "3"
+    try:
+        train(one)
+    finally:
+        del os.environ[FAULT_ENV]
+    assert weight_diff(run, Path(one.output_dir)) <= WEIGHT_TOL
+    assert weight_diff(run, reference) > WEIGHT_TOL  # the skipped update is really missing

@@ -91,3 +91,36 @@ def test_a_checkpoint_is_never_written_from_nonfinite_weights(tiny_cfg, tmp_path
     with pytest.raises(NonFiniteError, match=f"step 3: trainable weights hold NaN/Inf \\({name}"):
         save_run_checkpoint(tmp_path / "ckpts", 3, model, optimizer, scheduler, {"totals": {}}, 2)
     assert not (tmp_path / "ckpts").exists() or not any((tmp_path / "ckpts").iterdir())
+
+
+def test_sigterm_checkpoints_the_step_reached_exits_0_and_resume_matches(tiny_cfg, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint of that step is written, exit code 0, no final
+    model; the resumed run ends bitwise equal to an uninterrupted one (default threads)."""
+    import signal
+    import time
+
+    tiny_cfg.train.steps, tiny_cfg.train.log_every, tiny_cfg.train.ckpt_every = 40, 1, 0
+    save_config(tiny_cfg, tmp_path / "run.yaml")
+    cmd = [sys.executable, "-m", "vlmtrain.cli", "train", "--config", str(tmp_path / "run.yaml")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = Path(tiny_cfg.output_dir)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before step 5"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = json.loads((out / "summary.json").read_text())["preempted_at_step"]
+    assert 5 <= stopped < 40 and f"SIGTERM: stopped after step {stopped}" in stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{stopped:07d}"]
+    assert not (out / "model").exists()
+    resumed = subprocess.run(cmd + ["train.resume=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    ref = tiny_cfg
+    ref.output_dir = str(tmp_path / "ref")
+    train(ref)
+    a = load_file(Path(ref.output_dir) / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
