@@ -43,13 +43,13 @@ class StepMeter:
     """
 
     def __init__(self, flops: Optional[ModelFlops] = None, peak: Optional[float] = None, world_size: int = 1,
-                 reduce_sum: Optional[Callable[[list[float]], list[float]]] = None) -> None:
+                 reduce_sum: Optional[Callable[[list[float]], list[float]]] = None, skipped: int = 0) -> None:
         self.flops, self.peak, self.world_size = flops, peak, world_size
         self.reduce_sum = reduce_sum
         self._reset()
         self._totals = {"wall_s": 0.0, "samples": 0, "tokens": 0}
         self.last_loss = float("nan")
-        self.skipped_total = 0  # non-finite steps since the meter started (a resumed run adds its checkpoint's)
+        self.skipped_total = skipped  # non-finite steps of the run (``skipped``: a resumed run's checkpoint count)
 
     def _reset(self) -> None:
         self._n = 0

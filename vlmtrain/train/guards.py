@@ -20,7 +20,6 @@ from vlmtrain.data.loader import Batch
 from vlmtrain.errors import NonFiniteError
 from vlmtrain.parallel.init import all_reduce_max, gather_to_main
 
-log = logging.getLogger("vlmtrain")
 # Fault injection for tests and drills: "7,12" poisons steps 7 and 12 on every rank, "7@1" on rank 1 only.
 FAULT_ENV = "VLMTRAIN_FAULT_NONFINITE"
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -41,7 +40,7 @@ def fault_steps(rank: int, spec: Optional[str] = None) -> frozenset[int]:
     return frozenset(steps)
 
 
-def check_step(step: int, result: dict, micro: Sequence[Batch], policy: str, log_: logging.Logger) -> None:
+def check_step(step: int, result: dict, micro: Sequence[Batch], policy: str, log: logging.Logger) -> None:
     """Act on a non-finite step (collective when it is one, and then on every rank, since the decision
     comes from global values): ``skip`` warns with the step's sample ids (every rank's), ``stop`` (or
     a DeepSpeed step, whose update already happened) raises :class:`NonFiniteError` naming them."""
@@ -58,7 +57,7 @@ def check_step(step: int, result: dict, micro: Sequence[Batch], policy: str, log
     if policy == "stop":
         raise NonFiniteError(f"{what}, {shown}; stopped (train.on_nonfinite=stop); the last checkpoint holds "
                              "finite weights: resume with train.resume=true")
-    log_.warning("%s: update skipped (train.on_nonfinite=skip), %s", what, shown)
+    log.warning("%s: update skipped (train.on_nonfinite=skip), %s", what, shown)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -123,4 +122,3 @@ class Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-

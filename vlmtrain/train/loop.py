@@ -110,8 +110,7 @@ def train(cfg: RunConfig) -> dict:
     start = state["step"]
 
     meter = StepMeter(flops, device_peak(info.device, cfg.train.precision), info.world_size,
-                      reduce_sum=partial(all_reduce_values, op="sum"))
-    meter.skipped_total = state.get("nonfinite_skipped", 0)
+                      reduce_sum=partial(all_reduce_values, op="sum"), skipped=state.get("nonfinite_skipped", 0))
     empty_cache = SyncedEmptyCache(cfg.memory.empty_cache_reserved_gib, on_retries=cfg.memory.empty_cache_on_retries,
                                    enabled=cfg.memory.empty_cache_on_retries or cfg.memory.empty_cache_reserved_gib > 0)
     faults = fault_steps(info.rank)  # steps poisoned with NaN ($VLMTRAIN_FAULT_NONFINITE; tests and drills)
