@@ -73,7 +73,7 @@ def _cache(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vlmtrain.train.evaluate import evaluate_run, format_report
 
-    report = evaluate_run(args.run_dir, episodes=args.episodes, seed=args.seed)
+    report = evaluate_run(args.run_dir, episodes=args.episodes, seed=args.seed, which=args.model)
     print(format_report(report))
     print(f"wrote {Path(args.run_dir) / 'eval.json'}")
     return 0
@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="run directory written by `vlmtrain train`")
     e.add_argument("--episodes", type=int, help="number of held-out episodes (default: the run's eval.episodes)")
     e.add_argument("--seed", type=int, help="seed of the held-out episodes (default: the run's eval.seed)")
+    e.add_argument("--model", choices=("auto", "best", "final"), default="auto",
+                   help="which model: best (RUN_DIR/checkpoints/best, kept by train.best_metric), final (RUN_DIR/model), "
+                        "or auto: best when the run kept one, else final (default)")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="export a run's model from its newest checkpoint (final model dir or PEFT adapter)",

@@ -62,6 +62,8 @@ class DataConfig:
     max_pack_tokens: int = 0  # LLM-token budget of one pack (0: with per-document attention one pack per micro-batch, sized so a step holds train.batch_size samples on average, which depends on world size x grad_accum: set a budget to resume on another world size; else data.max_length)
     max_pack_vision: int = 0  # vision budget of one pack, in encoder patches (0: no vision budget)
     episode_group: int = 0  # >1: this many decisions of one episode (samples sharing frames) together in a step, so their shared frames are encoded once (not with a feature cache); off by default: faster, but it cost GridNav SR 0.645 -> 0.230 (docs/benchmarks.md)
+    val_fraction: float = 0.0  # >0: hold out this share of each source's episodes for validation (seeded, by episode: no frame of a held-out episode is trained on)
+    val_sources: list[SourceConfig] = field(default_factory=list)  # validation sources, held out whole (instead of data.val_fraction)
     packed_attention: str = "varlen"  # varlen: attention computed per document of a pack | mask: a (B,1,L,L) block-diagonal mask (computes the masked blocks too)
 
 
@@ -144,6 +146,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
     grad_checkpointing: list[str] = field(default_factory=list)  # parts whose layers recompute activations in backward, e.g. [llm] or [vision, llm]
     record_samples: bool = False  # write the sample ids of every step to samples.jsonl (checks data order and resume)
+    best_metric: str = ""  # metric that keeps checkpoints/best, e.g. val/loss or eval/sr ("": none; needs eval.every)
+    best_mode: str = "auto"  # min | max | auto (min for a name ending in loss or /ne, else max)
+    early_stop_patience: int = 0  # >0: stop after this many validations without a better train.best_metric
     on_nonfinite: str = "skip"  # a NaN/Inf loss or grad norm: skip (no update, counted, warned with the sample ids) | stop (error naming step and samples)
 
 
@@ -151,7 +156,11 @@ class TrainConfig:
 class EvalConfig:
     """Closed-loop GridNav evaluation on held-out layouts."""
 
-    episodes: int = 200  # held-out episodes (split "test")
+    every: int = 0  # steps between validations during training, and at the last step (0: none)
+    val_samples: int = 0  # validation samples per validation (0: every held-out sample; else a seeded subset of this size)
+    val_batch_size: int = 32  # validation samples per forward
+    rollout_episodes: int = 0  # GridNav closed-loop episodes (split "val", seed eval.seed) per validation (0: none)
+    episodes: int = 200  # held-out episodes of `vlmtrain eval` (split "test")
     seed: int = 1000  # seed of the held-out episodes
     max_steps: int = 60  # action cap per episode
     batch_size: int = 256  # episodes stepped together (one policy call per step)
@@ -237,6 +246,7 @@ def _validate(cfg: RunConfig) -> None:
         "features.dtype": (cfg.features.dtype, {"bf16", "fp16"}),
         "tracking.wandb_mode": (cfg.tracking.wandb_mode, {"offline", "online", "disabled"}),
         "train.on_nonfinite": (cfg.train.on_nonfinite, {"skip", "stop"}),
+        "train.best_mode": (cfg.train.best_mode, {"auto", "min", "max"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -271,9 +281,46 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value}: must be >= 0")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio}: must be in [0, 1)")
+    _validate_eval(cfg)
     problems = parallel_problems(cfg.parallel, cfg.memory)
     if problems:
         raise ConfigError(problems[0])
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    """Validation during training (``eval.*``, ``data.val_*``) and the best checkpoint (``train.best_*``)."""
+    d, e, t = cfg.data, cfg.eval, cfg.train
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction}: must be in [0, 1)")
+    if d.val_fraction > 0 and d.val_sources:
+        raise ConfigError("data.val_fraction and data.val_sources both set: hold out part of the training "
+                          "sources or name separate validation sources, not both")
+    for key, value in {"eval.every": e.every, "eval.val_samples": e.val_samples,
+                       "eval.rollout_episodes": e.rollout_episodes, "train.early_stop_patience": t.early_stop_patience}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must be >= 0")
+    if e.val_batch_size <= 0:
+        raise ConfigError(f"eval.val_batch_size={e.val_batch_size}: must be > 0")
+    has_val = d.val_fraction > 0 or bool(d.val_sources)
+    if e.rollout_episodes and cfg.parallel.backend in ("fsdp2", "deepspeed"):
+        raise ConfigError(f"eval.rollout_episodes needs whole weights on every rank (parallel.backend none or ddp), "
+                          f"not {cfg.parallel.backend}: validate with data.val_fraction / data.val_sources instead")
+    if e.every > 0 and not has_val and not e.rollout_episodes:
+        raise ConfigError(f"eval.every={e.every}: nothing to validate on; set data.val_fraction, data.val_sources "
+                          "or eval.rollout_episodes")
+    if t.best_metric:
+        if e.every <= 0:
+            raise ConfigError(f"train.best_metric={t.best_metric!r} needs validation during training: set eval.every")
+        if t.best_metric.startswith("val/") and not has_val:
+            raise ConfigError(f"train.best_metric={t.best_metric!r} needs held-out samples: set data.val_fraction "
+                              "or data.val_sources")
+        if t.best_metric.startswith("eval/") and not e.rollout_episodes:
+            raise ConfigError(f"train.best_metric={t.best_metric!r} needs closed-loop episodes: set eval.rollout_episodes")
+        if not t.best_metric.startswith(("val/", "eval/")):
+            raise ConfigError(f"train.best_metric={t.best_metric!r}: expected a val/... or eval/... metric "
+                              "(e.g. val/loss, val/accuracy, eval/sr, eval/spl)")
+    if t.early_stop_patience and not t.best_metric:
+        raise ConfigError("train.early_stop_patience needs train.best_metric (the metric that must improve)")
 
 
 def _validate_composed(cfg: RunConfig) -> None:
@@ -340,16 +387,17 @@ def source_name_and_percent(src: SourceConfig, key: str = "data.sources[]") -> t
 def _check_source_items(layer: dict, source: str) -> None:
     """Unknown keys inside ``data.sources`` items, with the closest valid key (OmegaConf's own message
     does not say which item)."""
-    items = (layer.get("data") or {}).get("sources") if isinstance(layer.get("data"), dict) else None
+    data = layer.get("data") if isinstance(layer.get("data"), dict) else {}
     known = [f.name for f in dataclasses.fields(SourceConfig)]
-    for i, item in enumerate(items or []):
-        if not isinstance(item, dict):
-            raise ConfigError(f"{source}: data.sources[{i}] must be a mapping with keys {known}")
-        for key in item:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.0)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"{source}: unknown key 'data.sources[{i}].{key}'{hint}")
+    for list_key in ("sources", "val_sources"):
+        for i, item in enumerate(data.get(list_key) or []):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{source}: data.{list_key}[{i}] must be a mapping with keys {known}")
+            for key in item:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.0)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    raise ConfigError(f"{source}: unknown key 'data.{list_key}[{i}].{key}'{hint}")
 
 
 def load_config(

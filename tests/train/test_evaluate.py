@@ -29,7 +29,7 @@ from vlmtrain.models.tiny_qwen import save_tiny_qwen_vl
 from vlmtrain.train.evaluate import VLMPolicy, evaluate_run, format_report, load_run_model
 from vlmtrain.train.loop import train
 
-REPORT_KEYS = {"episodes", "sr", "spl", "ne", "os", "ndtw", "outcomes", "baselines", "split", "seed"}
+REPORT_KEYS = {"episodes", "sr", "spl", "ne", "os", "ndtw", "outcomes", "baselines", "split", "seed", "model"}
 OUTCOMES = {"success", "out_of_steps", "stopped_at_distractor", "stopped_elsewhere"}
 
 
@@ -140,7 +140,7 @@ def test_eval_of_hf_run_writes_full_report(hf_run):
 
 def test_policy_of_hf_run_picks_argmax_of_hf_forward_scores(hf_run):
     cfg = load_config(yaml_path=hf_run / "config.yaml")
-    adapter = load_run_model(hf_run, cfg)
+    adapter = load_run_model(hf_run / "model", hf_run, cfg)
     assert adapter.frame_size == (32, 32) and not adapter.training
     _check_policy(adapter, cfg.data.num_history, cfg.data.prompt)
 

@@ -28,7 +28,7 @@ from vlmtrain.data.errors import DataError, ErrorPolicy
 from vlmtrain.data.frames import LazyFrames, decode_frames, load_frame
 from vlmtrain.data.index import IndexSpec, SourceIndex
 from vlmtrain.data.index_build import open_or_build
-from vlmtrain.data.mixture import format_mixture_table, select_array
+from vlmtrain.data.mixture import format_mixture_table, held_out_episodes, select_array
 from vlmtrain.data.samples import TokenizedSample
 from vlmtrain.data.sources import SourceSamples, read_source
 from vlmtrain.models.protocol import VLM, Encoded, Turn
@@ -179,6 +179,8 @@ class TrainData:
     image_id: int  # the image-slot token (collation counts visual tokens with it)
     sources: dict[str, dict[str, float]]  # per source: available, percent, planned
     skipped: dict[str, int] = field(default_factory=dict)
+    sample_source: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # source of each sample
+    source_names: list[str] = field(default_factory=list)  # the names sample_source indexes
 
     def stats(self) -> dict:
         """Counts reported at start and in ``summary.json``."""
@@ -332,14 +334,32 @@ def _decode(paths: list[str], size: int, workers: int) -> tuple[torch.Tensor, li
     return frames, bad
 
 
-def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], policy: ErrorPolicy) -> TrainData:
+def _pick(store: _Store, source: _Source, fraction: float, seed: int, split: str) -> np.ndarray:
+    """Global sample ids one source contributes to ``split``: "train" draws the mixture plan
+    (``percent``) from the samples outside the held-out episodes (all of them when ``fraction`` is
+    0); "val" takes every sample of the held-out episodes once (``mixture.held_out_episodes``)."""
+    ids = np.arange(source.start, source.start + source.count, dtype=np.int64)
+    held = held_out_episodes(store.column(ids, "episode"), fraction, seed, source.name) if fraction > 0 else None
+    if split == "val":
+        return ids[held] if held is not None else ids
+    ids = ids[~held] if held is not None else ids
+    return ids[select_array(len(ids), source.percent, seed, source.name)]
+
+
+def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], policy: ErrorPolicy,
+              split: str = "train") -> TrainData:
     """Mix the ``indexes`` (``open_indexes``) for a run of ``model``: the seeded mixture plan, the
     stored defects and ``data.max_length`` through ``policy``, the used frames decoded now
-    (``data.workers=0``) or by the loader workers. Logs the mixture table and the skipped counts."""
+    (``data.workers=0``) or by the loader workers. Logs the mixture table and the skipped counts.
+
+    ``split``: "train" leaves out the episodes ``data.val_fraction`` holds out, "val" is exactly those
+    (every sample once); with ``data.val_fraction`` 0, "val" is every sample of the sources once."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}: expected train or val")
     store = _Store(indexes)
     sources = _mixture_sources(dcfg, indexes, store)
     _replay_errors(indexes, policy)
-    picks = [s.start + select_array(s.count, s.percent, seed, s.name) for s in sources]
+    picks = [_pick(store, s, dcfg.val_fraction, seed, split) for s in sources]
     rows = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)  # ascending: sources in order
     uniq = rows[np.r_[True, rows[1:] != rows[:-1]]] if len(rows) else rows  # rows are sorted
     picked = len(uniq)
@@ -378,10 +398,12 @@ def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], polic
     starts = np.array([s.start for s in sources], dtype=np.int64)
     per_source = np.bincount(np.searchsorted(starts, rows, side="right") - 1, minlength=len(sources))
     planned = {s.name: int(c) for s, c in zip(sources, per_source) if c}
-    log.info("data mixture:\n%s", format_mixture_table(available, percents, planned))
+    log.info("%s mixture:\n%s", "data" if split == "train" else "validation",
+             format_mixture_table(available, percents if split == "train" else {n: 100.0 for n in percents}, planned))
     if policy.skipped:
         log.warning("skipped records: %s (first: %s)", policy.summary(),
                     [e for examples in policy.examples.values() for e in examples[:1]])
     table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
     return TrainData(SampleTable(store, rows, lookup), frames, int(model.tokenizer.pad_token_id),
-                     int(model.image_token_id), table, policy.summary())
+                     int(model.image_token_id), table, policy.summary(),
+                     sample_source=np.searchsorted(starts, rows, side="right") - 1, source_names=[s.name for s in sources])

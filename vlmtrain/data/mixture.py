@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "format_mixture_table",
+    "held_out_episodes",
     "plan_mixture",
     "planned_count",
     "select_array",
@@ -60,6 +61,23 @@ def select_array(n: int, percent: float, seed: int, name: str = "") -> np.ndarra
     if rest:
         counts[_rng(seed, name).choice(n, size=rest, replace=False)] += 1
     return np.repeat(np.arange(n, dtype=np.int64), counts)
+
+
+def held_out_episodes(episodes: np.ndarray, fraction: float, seed: int, name: str = "") -> np.ndarray:
+    """Which samples belong to the validation episodes of one source: a bool mask over ``episodes``
+    (each sample's episode id). ``planned_count(E, 100 x fraction)`` of the source's E distinct
+    episodes are held out, at least one when ``fraction > 0`` and at most E - 1, drawn by a generator
+    seeded with ``(seed, "val/" + name)`` only, so the split is the same on every rank and in every
+    run of the same seed, and never cuts an episode (its frames are all train or all validation)."""
+    episodes = np.asarray(episodes)
+    if fraction <= 0 or len(episodes) == 0:
+        return np.zeros(len(episodes), dtype=bool)
+    uniq = np.unique(episodes)
+    k = min(max(planned_count(len(uniq), 100.0 * fraction), 1), len(uniq) - 1)
+    if k <= 0:
+        return np.zeros(len(episodes), dtype=bool)
+    held = _rng(seed, "val/" + name).choice(uniq, size=k, replace=False)
+    return np.isin(episodes, held)
 
 
 def select_indices(n: int, percent: float, seed: int, name: str = "") -> list[int]:

@@ -118,6 +118,23 @@ def build_model_and_data(cfg: RunConfig, out: Path, resumed: bool = False) -> tu
     return model, load_data(cfg.data, model, cfg.seed, indexes, ErrorPolicy(cfg.data.on_error))
 
 
+def build_val_data(cfg: RunConfig, model: VLM) -> Optional[TrainData]:
+    """The held-out samples of the run (None without ``data.val_fraction`` / ``data.val_sources``):
+    the episodes ``data.val_fraction`` holds out of the training sources, or the ``data.val_sources``
+    mixed like training sources (their percents apply), indexed like the training data and decoded
+    once at start-up."""
+    d = cfg.data
+    if d.val_sources:
+        vcfg, split = dataclasses.replace(d, sources=list(d.val_sources), val_fraction=0.0, workers=0), "train"
+    elif d.val_fraction > 0:
+        vcfg, split = dataclasses.replace(d, workers=0), "val"
+    else:
+        return None
+    with main_first(local=True):
+        indexes = open_indexes(vcfg, model, default_index_root(vcfg.index_dir))
+    return load_data(vcfg, model, cfg.seed, indexes, ErrorPolicy(d.on_error), split=split)
+
+
 def build_plan(cfg: RunConfig, data: TrainData, model: VLM, cached: bool, packing: Optional[bool] = None):
     """This rank's step plan (``data/sampler.py``); ``packing`` overrides ``data.packing`` (the naive
     baseline of ``vlmtrain bench``). ``cached``: features come from a cache. A packed plan's first

@@ -341,3 +341,51 @@ def model_for_saving(parallel: nn.Module, rebuild: Callable[[], nn.Module]) -> O
     model = rebuild()
     model.load_state_dict(full, strict=True)
     return model
+
+
+BEST = "best"  # checkpoints/best: the model of the best validation, in the final model's format
+BEST_INFO = "best.json"
+
+
+def _fsync_tree(root: Path) -> None:
+    for f in root.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def recover_best(ckpt_root: Path) -> Optional[Path]:
+    """``checkpoints/best`` after a crash between the two renames of :func:`save_best_model` (the
+    previous best is put back from ``.old-best``); None when the run has no best model yet."""
+    best, old = ckpt_root / BEST, ckpt_root / f".old-{BEST}"
+    if not best.exists() and old.exists():
+        os.rename(old, best)
+        fsync_dir(ckpt_root)
+    shutil.rmtree(old, ignore_errors=True)
+    return best if best.exists() else None
+
+
+def save_best_model(ckpt_root: Path, parallel: nn.Module, rebuild: Callable[[], nn.Module],
+                    info: dict[str, Any]) -> Path:
+    """Write the current weights as ``checkpoints/best`` (what ``VLM.save_final`` writes, plus
+    ``best.json`` = ``info``), replacing the previous best only once the new one is complete and on
+    disk: written into ``.tmp-best``, then ``best`` -> ``.old-best``, ``.tmp-best`` -> ``best``
+    (:func:`recover_best` undoes a crash in between). Checkpoint rotation never touches it.
+    Collective (FSDP2 / DeepSpeed gather the weights); rank 0 writes."""
+    model = model_for_saving(parallel, rebuild)
+    best = ckpt_root / BEST
+    if model is not None:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        tmp, old = ckpt_root / f".tmp-{BEST}", ckpt_root / f".old-{BEST}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_final(tmp)
+        (tmp / BEST_INFO).write_text(json.dumps(info, indent=1))
+        _fsync_tree(tmp)
+        recover_best(ckpt_root)
+        if best.exists():
+            os.rename(best, old)
+        os.rename(tmp, best)
+        fsync_dir(ckpt_root)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return best

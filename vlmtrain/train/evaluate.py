@@ -28,10 +28,11 @@ logits that way fails loudly instead of scoring garbage.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -55,39 +56,56 @@ DEFAULT_STATES_PER_FORWARD = 32
 FEATURE_BUDGET_BYTES = 2 << 30
 
 
+@contextlib.contextmanager
+def captured_logits(model: VLM) -> Iterator[list[torch.Tensor]]:
+    """Within this context, every output of the model's output embedding (the logits ``forward_lm``
+    computes, at the labelled positions only) is appended to the yielded list."""
+    captured: list[torch.Tensor] = []
+    handle = model.output_embeddings().register_forward_hook(lambda _m, _i, output: captured.append(output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def labelled_log_probs(model: VLM, captured: list[torch.Tensor], labels: torch.Tensor, mean_loss: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probability of each labelled target, whether it is the argmax, its row), each shape (T,),
+    in row-major order of ``labels[:, 1:] != -100``, from the logits :func:`captured_logits` caught
+    in one ``forward_lm`` that returned ``mean_loss``. Raises when they are not the logits that loss
+    came from (a model that stopped computing logits that way fails loudly, not with garbage)."""
+    targets_BL = labels[:, 1:].to(mean_loss.device)
+    keep_BL = targets_BL != IGNORE_INDEX
+    num_labels = int(keep_BL.sum())
+    if num_labels == 0:
+        empty = torch.zeros(0, device=mean_loss.device)
+        return empty, empty.bool(), empty.long()
+    logits_TV = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).float() if captured else None
+    if logits_TV is None or logits_TV.shape[0] != num_labels:
+        got = 0 if logits_TV is None else logits_TV.shape[0]
+        raise RuntimeError(f"{model.family}: forward_lm computed logits at {got} positions, expected the "
+                           f"{num_labels} labelled ones; scoring relies on that")
+    targets_T = targets_BL[keep_BL]
+    logp_T = torch.log_softmax(logits_TV, dim=-1).gather(1, targets_T.unsqueeze(1)).squeeze(1)
+    if not torch.allclose(-logp_T.mean(), mean_loss.float(), rtol=1e-3, atol=1e-4):
+        raise RuntimeError(f"{model.family}: captured logits give loss {float(-logp_T.mean()):.6f} but "
+                           f"forward_lm returned {float(mean_loss):.6f}")
+    return logp_T, logits_TV.argmax(-1) == targets_T, keep_BL.nonzero(as_tuple=True)[0]
+
+
 @torch.no_grad()
 def answer_log_likelihood(model: VLM, inputs_embeds: torch.Tensor, labels: torch.Tensor,
                           attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-sample summed log-probability of the labelled tokens, shape (B,) (0 for a row without labels).
 
     Takes the same inputs as ``model.forward_lm`` (unshifted labels, IGNORE_INDEX elsewhere) and runs
-    it once; a forward hook on the model's output embedding captures the logits it computes at the
-    positions whose next token is labelled (row-major, i.e. the order of ``labels[:, 1:] != -100``).
+    it once, catching its logits (:func:`captured_logits`, :func:`labelled_log_probs`).
     """
-    targets_BL = labels[:, 1:].to(inputs_embeds.device)
-    keep_BL = targets_BL != IGNORE_INDEX
-    captured: list[torch.Tensor] = []
-    handle = model.output_embeddings().register_forward_hook(lambda _m, _i, output: captured.append(output))
-    try:
+    with captured_logits(model) as captured:
         mean_loss = model.forward_lm(inputs_embeds, labels, attention_mask=attention_mask, position_ids=position_ids)
-    finally:
-        handle.remove()
-    num_labels = int(keep_BL.sum())
+    logp_T, _, rows_T = labelled_log_probs(model, captured, labels, mean_loss)
     sums_B = torch.zeros(labels.shape[0], dtype=torch.float32, device=inputs_embeds.device)
-    if num_labels == 0:
-        return sums_B
-    logits_TV = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).float() if captured else None
-    if logits_TV is None or logits_TV.shape[0] != num_labels:
-        got = 0 if logits_TV is None else logits_TV.shape[0]
-        raise RuntimeError(f"{model.family}: forward_lm computed logits at {got} positions, expected the "
-                           f"{num_labels} labelled ones; answer_log_likelihood relies on that")
-    logp_T = torch.log_softmax(logits_TV, dim=-1).gather(1, targets_BL[keep_BL].unsqueeze(1)).squeeze(1)
-    # Guard: the captured logits must be the ones forward_lm's own loss came from.
-    if not torch.allclose(-logp_T.mean(), mean_loss.float(), rtol=1e-4, atol=1e-4):
-        raise RuntimeError(f"{model.family}: captured logits give loss {float(-logp_T.mean()):.6f} but "
-                           f"forward_lm returned {float(mean_loss):.6f}")
-    rows_T = keep_BL.nonzero(as_tuple=True)[0]
-    return sums_B.index_add_(0, rows_T, logp_T)
+    return sums_B.index_add_(0, rows_T, logp_T) if len(rows_T) else sums_B
 
 
 class VLMPolicy:
@@ -200,9 +218,24 @@ class VLMPolicy:
         return ids.to(self.device), labels.to(self.device), mask.to(self.device)
 
 
-def load_run_model(run_dir: Path, cfg: RunConfig) -> VLM:
-    """The run's final model (``run_dir/model``) in eval mode; frames sized as in training."""
-    model_dir = run_dir / "model"
+def run_model_dir(run_dir: Path, which: str = "auto") -> tuple[Path, str]:
+    """(directory, label) of the model ``vlmtrain eval`` evaluates: ``best`` is
+    ``checkpoints/best`` (what ``train.best_metric`` kept), ``final`` is ``model/``, ``auto`` the best
+    one when the run kept it, else the final one. The label names the step and metric of a best model."""
+    best = run_dir / "checkpoints" / "best"
+    if which == "best" or (which == "auto" and (best / "best.json").exists()):
+        if not (best / "best.json").exists():
+            raise FileNotFoundError(f"{best}: the run kept no best model (set train.best_metric and eval.every)")
+        info = json.loads((best / "best.json").read_text())
+        return best, f"best ({info['metric']} {info['value']:.4g} at step {info['step']})"
+    if which not in ("auto", "final"):
+        raise ValueError(f"which={which!r}: expected auto, best or final")
+    return run_dir / "model", "final"
+
+
+def load_run_model(model_dir: Path, run_dir: Path, cfg: RunConfig) -> VLM:
+    """The run's model saved in ``model_dir`` (``model/`` or ``checkpoints/best``) in eval mode; frames
+    sized as in training."""
     try:
         return load_final(model_dir, cfg.model)
     except FileNotFoundError:
@@ -213,12 +246,14 @@ def load_run_model(run_dir: Path, cfg: RunConfig) -> VLM:
 
 
 def run_policy(run_dir: Path, cfg: RunConfig, device: torch.device,
-               batch_size: int = DEFAULT_STATES_PER_FORWARD) -> VLMPolicy:
-    """The run's trained model on ``device`` as a GridNav policy (history and prompt from its config)."""
-    model = load_run_model(run_dir, cfg).to(device)
-    log.info("eval: %s model from %s, frames %s, candidate scoring of %d actions, %d states per forward",
-             model.family, run_dir / "model", model.frame_size, len(ACTION_TEXTS), batch_size)
-    return VLMPolicy(model, cfg.data.num_history, cfg.data.prompt, device, batch_size)
+               batch_size: int = DEFAULT_STATES_PER_FORWARD, which: str = "auto") -> tuple[VLMPolicy, str]:
+    """(the run's trained model on ``device`` as a GridNav policy, history and prompt from its config;
+    which model it is: :func:`run_model_dir`'s label)."""
+    model_dir, label = run_model_dir(run_dir, which)
+    model = load_run_model(model_dir, run_dir, cfg).to(device)
+    log.info("eval: %s model %s from %s, frames %s, candidate scoring of %d actions, %d states per forward",
+             model.family, label, model_dir, model.frame_size, len(ACTION_TEXTS), batch_size)
+    return VLMPolicy(model, cfg.data.num_history, cfg.data.prompt, device, batch_size), label
 
 
 def rollout_report(specs: list, policy: simulate.Policy, max_steps: int, seed: int) -> dict:
@@ -234,16 +269,19 @@ def rollout_report(specs: list, policy: simulate.Policy, max_steps: int, seed: i
     return report
 
 
-def evaluate_run(run_dir: str | Path, episodes: Optional[int] = None, seed: Optional[int] = None) -> dict:
-    """Roll the run's policy out on held-out GridNav episodes; write and return ``eval.json``."""
+def evaluate_run(run_dir: str | Path, episodes: Optional[int] = None, seed: Optional[int] = None,
+                 which: str = "auto") -> dict:
+    """Roll the run's policy out on held-out GridNav episodes; write and return ``eval.json``.
+    ``which``: the model (:func:`run_model_dir`: auto = the best one the run kept, else the final one)."""
     run_dir = Path(run_dir)
     cfg = load_config(yaml_path=run_dir / "config.yaml")
     n = episodes if episodes is not None else cfg.eval.episodes
     seed = seed if seed is not None else cfg.eval.seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = run_policy(run_dir, cfg, device)
+    policy, label = run_policy(run_dir, cfg, device, which=which)
     specs = [make_episode(seed, "test", i) for i in range(n)]
     report = rollout_report(specs, policy, cfg.eval.max_steps, seed)
+    report["model"] = label
     (run_dir / "eval.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -256,4 +294,6 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<18}" + "".join(f"{r[k]:>8.3f}" for k in METRIC_KEYS))
     outcomes = ", ".join(f"{k} {v:.2f}" for k, v in report.get("outcomes", {}).items())
     lines.append(f"episodes: {report['episodes']} held-out (split test); outcomes: {outcomes}")
+    if "model" in report:
+        lines.append(f"model: {report['model']}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import json
 import time
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -19,15 +20,17 @@ from vlmtrain.metrics.tracking import FanoutSink, open_tracking
 from vlmtrain.models.parts import trainable_counts
 from vlmtrain.parallel.init import DistInfo, all_reduce_max, all_reduce_values, get_logger, init_distributed, on_main
 from vlmtrain.parallel.memory import SyncedEmptyCache, configure_allocator, memory_stats, rank_metrics
+from vlmtrain.parallel.root import unwrap
 from vlmtrain.train.build import (
-    build_batches, build_model, build_model_and_data, build_plan, device_peak, parallel_and_optimizer, rank_features,
-    resolve_steps, run_flops, seed_everything,
+    build_batches, build_model, build_model_and_data, build_plan, build_val_data, device_peak, parallel_and_optimizer,
+    rank_features, resolve_steps, run_flops, seed_everything,
 )
 from vlmtrain.train.checkpoint import (
-    latest_run_checkpoint, load_run_checkpoint, model_for_saving, save_run_checkpoint,
+    latest_run_checkpoint, load_run_checkpoint, model_for_saving, recover_best, save_best_model, save_run_checkpoint,
 )
 from vlmtrain.train.guards import Preemption, check_step, fault_steps
-from vlmtrain.train.step import train_step
+from vlmtrain.train.step import autocast_context, train_step
+from vlmtrain.train.validate import BestTracker, ValidationSet, better_is_lower, validate_rollouts, validate_samples, validation_set
 
 RANK_SEED_STRIDE = 1_000_003  # rank r of a multi-process run draws from seed + stride * (r + 1) after the model is built
 
@@ -62,6 +65,26 @@ def add_totals(previous: dict, meter: StepMeter) -> dict:
             "samples": previous["samples"] + int(samples), "tokens": previous["tokens"] + int(tokens)}
 
 
+def validate(cfg: RunConfig, vset: Optional[ValidationSet], parallel, source, info: DistInfo) -> dict:
+    """The ``val/*`` and ``eval/*`` metrics of the model now (collective), in eval mode and without
+    touching the training RNG streams; the model is back in training mode afterwards."""
+    devices = [info.device] if info.device.type == "cuda" else []
+    metrics: dict = {}
+    parallel.train(False)
+    try:
+        with torch.random.fork_rng(devices=devices), autocast_context(cfg.train.precision, info.device):
+            if vset is not None:
+                metrics.update(validate_samples(vset, unwrap(parallel), parallel, info.device, info.rank, info.world_size))
+            if cfg.eval.rollout_episodes:
+                metrics.update(validate_rollouts(unwrap(parallel), cfg.eval.rollout_episodes, cfg.eval.seed,
+                                                 cfg.eval.max_steps, cfg.data.num_history, cfg.data.prompt,
+                                                 info.device, info.rank, info.world_size))
+    finally:
+        parallel.train()
+        source.settle(unwrap(parallel))
+    return metrics
+
+
 def start_process(cfg: RunConfig) -> DistInfo:
     """This process's part of the job: the CUDA allocator setting (before CUDA starts), the process
     group when ``torchrun`` started it (gloo on CPU, nccl on CUDA), torch threads. DeepSpeed needs
@@ -93,6 +116,11 @@ def train(cfg: RunConfig) -> dict:
     if info.world_size > 1:  # the same initial weights on every rank, then each rank its own dropout masks
         seed_everything(cfg.seed + RANK_SEED_STRIDE * (info.rank + 1))
     log.info("data: %s", json.dumps(data.stats()))
+    val_data = build_val_data(cfg, model)
+    vset = validation_set(val_data, cfg.eval.val_batch_size, cfg.eval.val_samples, cfg.seed) if val_data else None
+    if vset is not None:
+        log.info("validation: %d held-out samples in %d batches, every %d steps", vset.samples, len(vset.batches),
+                 cfg.eval.every)
     trainable = trainable_counts(model)
     log.info("trainable parameters: %s", trainable)
 
@@ -108,6 +136,10 @@ def train(cfg: RunConfig) -> dict:
         state = load_run_checkpoint(ckpt, parallel, optimizer, scheduler)
         log.info("resumed from %s at step %d", ckpt, state["step"])
     start = state["step"]
+    tracker = (BestTracker.restore(cfg.train.best_metric, better_is_lower(cfg.train.best_metric, cfg.train.best_mode),
+                                   state.get("best")) if cfg.train.best_metric else None)
+    on_main(recover_best, out / "checkpoints")
+    rebuild = lambda: build_model(cfg, model.tokenizer)  # noqa: E731  (a fresh copy to gather shards into)
 
     meter = StepMeter(flops, device_peak(info.device, cfg.train.precision), info.world_size,
                       reduce_sum=partial(all_reduce_values, op="sum"), skipped=state.get("nonfinite_skipped", 0))
@@ -116,6 +148,8 @@ def train(cfg: RunConfig) -> dict:
     faults = fault_steps(info.rank)  # steps poisoned with NaN ($VLMTRAIN_FAULT_NONFINITE; tests and drills)
     batches = sink = sample_log = None
     stopped_at = None  # the step a preemption signal stopped the run after
+    last = start  # the last step run
+    early_stop = False
     preemption = Preemption()  # from here on SIGTERM / SIGUSR1 mean "checkpoint after this step and exit 0"
     try:
         batches, _ = build_batches(cfg, data, model, source, start, cfg.train.steps, plan=plan)
@@ -136,21 +170,36 @@ def train(cfg: RunConfig) -> dict:
                 meter.update(micro, result, data_s=t1 - t0, step_s=time.perf_counter() - t0,
                              lr=optimizer.param_groups[0]["lr"])
                 empty_cache(info.device)  # all ranks at the same step, or none
+                last = step
                 preempted = preemption.requested(info.world_size)  # every rank stops after the same step
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps or preempted:
-                    metrics = log_metrics(meter, plan.epoch_of(step), info, empty_cache)
+                validated = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == cfg.train.steps)
+                val_metrics = validate(cfg, vset, parallel, source, info) if validated else {}
+                if tracker is not None and validated:
+                    if tracker.update(step, val_metrics):
+                        save_best_model(out / "checkpoints", parallel, rebuild, tracker.state())
+                        log.info("best %s %.6g at step %d: saved %s", tracker.metric, tracker.value, step,
+                                 out / "checkpoints" / "best")
+                    early_stop = 0 < cfg.train.early_stop_patience <= tracker.stale
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps or preempted or validated:
+                    metrics = {**log_metrics(meter, plan.epoch_of(step), info, empty_cache), **val_metrics}
                     sink.log(step, metrics)
                     bar.update(step, metrics)
                 else:
                     bar.update(step)
-                if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or step == cfg.train.steps or preempted:
-                    state = {"totals": add_totals(state["totals"], meter), "nonfinite_skipped": meter.skipped_total}
+                end = step == cfg.train.steps or preempted or early_stop
+                if (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or end:
+                    state = {"totals": add_totals(state["totals"], meter), "nonfinite_skipped": meter.skipped_total,
+                             **({"best": tracker.state()} if tracker is not None else {})}
                     save_run_checkpoint(out / "checkpoints", step, parallel, optimizer, scheduler, state,
                                         cfg.train.keep_checkpoints)
                 if preempted:
                     log.warning("%s: stopped after step %d with a checkpoint; continue with train.resume=true",
                                 preemption.name, step)
                     stopped_at = step
+                    break
+                if early_stop:
+                    log.warning("early stop after step %d: %s has not improved on %.6g (step %d) for %d validations",
+                                step, tracker.metric, tracker.value, tracker.step, tracker.stale)
                     break
     finally:
         preemption.close()
@@ -162,8 +211,12 @@ def train(cfg: RunConfig) -> dict:
                    "nonfinite_skipped": meter.skipped_total}
         on_main((out / "summary.json").write_text, json.dumps(summary, indent=1))
         return summary
-    on_main(lambda m: m.save_final(out / "model"), model_for_saving(parallel, lambda: build_model(cfg, model.tokenizer)))
-    summary = dict(meter.summary(cfg.train.steps, state["totals"], data.stats(), trainable), world_size=info.world_size,
+    on_main(lambda m: m.save_final(out / "model"), model_for_saving(parallel, rebuild))
+    summary = dict(meter.summary(last, state["totals"], data.stats(), trainable), world_size=info.world_size,
                    nonfinite_skipped=meter.skipped_total)
+    if tracker is not None:
+        summary["best"] = {**tracker.state(), "path": str(out / "checkpoints" / "best")}
+    if early_stop:
+        summary["early_stopped_at_step"] = last
     on_main((out / "summary.json").write_text, json.dumps(summary, indent=1))
     return summary
