@@ -396,7 +396,8 @@ def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], polic
     available = {s.name: s.count for s in sources}
     percents = {s.name: s.percent for s in sources}
     starts = np.array([s.start for s in sources], dtype=np.int64)
-    per_source = np.bincount(np.searchsorted(starts, rows, side="right") - 1, minlength=len(sources))
+    sample_source = np.searchsorted(starts, rows, side="right") - 1
+    per_source = np.bincount(sample_source, minlength=len(sources))
     planned = {s.name: int(c) for s, c in zip(sources, per_source) if c}
     log.info("%s mixture:\n%s", "data" if split == "train" else "validation",
              format_mixture_table(available, percents if split == "train" else {n: 100.0 for n in percents}, planned))
@@ -406,4 +407,4 @@ def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], polic
     table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
     return TrainData(SampleTable(store, rows, lookup), frames, int(model.tokenizer.pad_token_id),
                      int(model.image_token_id), table, policy.summary(),
-                     sample_source=np.searchsorted(starts, rows, side="right") - 1, source_names=[s.name for s in sources])
+                     sample_source=sample_source, source_names=[s.name for s in sources])

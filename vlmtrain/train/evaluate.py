@@ -41,14 +41,13 @@ from vlmtrain.config import RunConfig, load_config
 from vlmtrain.data.frames import resize_array
 from vlmtrain.data.samples import ACTION_TEXTS, decision_turns, history_indices
 from vlmtrain.envs.gridnav import simulate
-from vlmtrain.envs.gridnav.metrics import summarize
+from vlmtrain.envs.gridnav.metrics import METRIC_KEYS, summarize
 from vlmtrain.envs.gridnav.simulate import EpisodeState
 from vlmtrain.envs.gridnav.expert import make_episode
 from vlmtrain.models.protocol import IGNORE_INDEX, VLM, Encoded
 from vlmtrain.models.registry import load_final
 
 log = logging.getLogger("vlmtrain")
-METRIC_KEYS = ("sr", "spl", "ne", "os", "ndtw")
 # States scored per LM forward; each state is len(ACTION_TEXTS) = 4 rows (one per candidate answer).
 DEFAULT_STATES_PER_FORWARD = 32
 # Frame features kept across steps (each frame of a live episode is encoded once) up to this many bytes;

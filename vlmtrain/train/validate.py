@@ -32,6 +32,7 @@ from vlmtrain.data.dataset import TrainData
 from vlmtrain.data.loader import Batch, collate
 from vlmtrain.envs.gridnav import simulate
 from vlmtrain.envs.gridnav.expert import make_episode
+from vlmtrain.envs.gridnav.metrics import METRIC_KEYS, metric_sums
 from vlmtrain.features.source import FeatureSource
 from vlmtrain.models.protocol import VLM
 from vlmtrain.parallel.init import all_reduce_values
@@ -40,7 +41,6 @@ from vlmtrain.train.step import lm_loss, prepare_batch
 
 log = logging.getLogger("vlmtrain")
 ROLLOUT_SPLIT = "val"
-ROLLOUT_KEYS = ("sr", "spl", "ne", "os", "ndtw")
 
 
 @dataclass
@@ -80,10 +80,10 @@ def _batch_stats(model: VLM, batch: Batch, device: torch.device, source: Feature
     with captured_logits(model) as captured:
         mean_loss = lm_loss(model, batch, features, device)
     logp_T, correct_T, rows_T = labelled_log_probs(model, captured, batch.labels, mean_loss)
-    rows = batch.labels.shape[0]
-    nll = torch.zeros(rows, dtype=torch.float64).index_add_(0, rows_T.cpu(), -logp_T.double().cpu())
-    tokens = torch.zeros(rows, dtype=torch.float64).index_add_(0, rows_T.cpu(), torch.ones(len(rows_T), dtype=torch.float64))
-    wrong = torch.zeros(rows, dtype=torch.float64).index_add_(0, rows_T.cpu(), (~correct_T).double().cpu())
+    rows_T, n = rows_T.cpu(), batch.labels.shape[0]
+    nll = torch.bincount(rows_T, weights=-logp_T.double().cpu(), minlength=n)
+    tokens = torch.bincount(rows_T, minlength=n).double()
+    wrong = torch.bincount(rows_T, weights=(~correct_T).double().cpu(), minlength=n)
     return nll, tokens, (wrong == 0) & (tokens > 0)
 
 
@@ -128,11 +128,10 @@ def validate_rollouts(model: VLM, episodes: int, seed: int, max_steps: int, num_
     every rank: a single process or DDP)."""
     specs = [make_episode(seed, ROLLOUT_SPLIT, i) for i in range(rank, episodes, world_size)]
     results = simulate.rollout(specs, VLMPolicy(model, num_history, prompt, device), max_steps=max_steps) if specs else []
-    values = [float(r.success) for r in results], [r.spl for r in results], [r.nav_error for r in results], \
-        [float(r.oracle_success) for r in results], [r.ndtw for r in results]
-    sums = all_reduce_values([float(len(results))] + [float(sum(v)) for v in values], "sum")
+    local = metric_sums(results)
+    sums = all_reduce_values([float(len(results))] + [local[k] for k in METRIC_KEYS], "sum")
     n = max(sums[0], 1.0)
-    return {**{f"eval/{k}": round(v / n, 6) for k, v in zip(ROLLOUT_KEYS, sums[1:])}, "eval/episodes": int(sums[0])}
+    return {**{f"eval/{k}": round(v / n, 6) for k, v in zip(METRIC_KEYS, sums[1:])}, "eval/episodes": int(sums[0])}
 
 
 def better_is_lower(metric: str, mode: str = "auto") -> bool:

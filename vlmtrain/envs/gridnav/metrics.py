@@ -62,19 +62,26 @@ def dedup(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
+METRIC_KEYS = ("sr", "spl", "ne", "os", "ndtw")
+
+
+def metric_sums(results: Sequence[EpisodeResult]) -> dict[str, float]:
+    """SR, SPL, navigation error, oracle success and nDTW summed over ``results`` (unrounded: shards
+    of one evaluation add up, and the means follow by dividing by the episode count)."""
+    return {"sr": float(sum(r.success for r in results)), "spl": float(sum(r.spl for r in results)),
+            "ne": float(sum(r.nav_error for r in results)), "os": float(sum(r.oracle_success for r in results)),
+            "ndtw": float(sum(r.ndtw for r in results))}
+
+
 def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
     """Mean SR, SPL, navigation error, oracle success, nDTW and the fraction of each outcome."""
     n = len(results)
 
-    def mean(vals: list[float]) -> float:
-        return round(sum(vals) / n, 4) if n else 0.0
+    def mean(total: float) -> float:
+        return round(total / n, 4) if n else 0.0
 
     return {
         "episodes": n,
-        "sr": mean([float(r.success) for r in results]),
-        "spl": mean([r.spl for r in results]),
-        "ne": mean([r.nav_error for r in results]),
-        "os": mean([float(r.oracle_success) for r in results]),
-        "ndtw": mean([r.ndtw for r in results]),
-        "outcomes": {o: mean([float(r.outcome == o) for r in results]) for o in OUTCOMES},
+        **{k: mean(v) for k, v in metric_sums(results).items()},
+        "outcomes": {o: mean(sum(float(r.outcome == o) for r in results)) for o in OUTCOMES},
     }
