@@ -95,14 +95,12 @@ def test_a_checkpoint_is_never_written_from_nonfinite_weights(tiny_cfg, tmp_path
 
 def test_sigterm_checkpoints_the_step_reached_exits_0_and_resume_matches(tiny_cfg, tmp_path):
     """SIGTERM mid-run: the step finishes, a checkpoint of that step is written, exit code 0, no final
-    model; the resumed run ends bitwise equal to an uninterrupted one. One torch thread: with the
-    default thread count two uninterrupted CPU runs can already differ in the last bits on a loaded
-    machine (issue 13 point 7, still open), which would make a bitwise check flaky."""
+    model; the resumed run ends bitwise equal to an uninterrupted one. Default settings (torch's thread
+    count): a CPU run is bitwise reproducible (``tests/train/test_determinism.py``)."""
     import signal
     import time
 
     tiny_cfg.train.steps, tiny_cfg.train.log_every, tiny_cfg.train.ckpt_every = 40, 1, 0
-    tiny_cfg.train.threads = 1
     save_config(tiny_cfg, tmp_path / "run.yaml")
     cmd = [sys.executable, "-m", "vlmtrain.cli", "train", "--config", str(tmp_path / "run.yaml")]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,7 +1,6 @@
 """End-to-end: a short run learns, resumes exactly after SIGKILL, and evaluates closed loop."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -55,17 +54,15 @@ def test_short_run_loss_falls_and_writes_run_dir(tiny_cfg):
 
 
 def _run_cli(cfg_path: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "vlmtrain.cli", "train", "--config", str(cfg_path), *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_bitwise_identical_weights(tiny_cfg, tmp_path):
     tiny_cfg.train.steps = 60
     tiny_cfg.train.ckpt_every = 5
-    tiny_cfg.train.keep_checkpoints = 100
-    tiny_cfg.train.threads = 1
+    tiny_cfg.train.keep_checkpoints = 100  # default threads: a CPU run is bitwise reproducible
     # reference: one uninterrupted run
     ref_cfg = tmp_path / "ref.yaml"
     tiny_cfg.output_dir = str(tmp_path / "ref")

@@ -20,7 +20,7 @@ from vlmtrain.models.composed_chat import ChatFormat, load_tokenizer, save_token
 from vlmtrain.models.loss import labelled_cross_entropy
 from vlmtrain.models.parts import part_from_name
 from vlmtrain.models.projector import PixelShuffleProjector
-from vlmtrain.models.protocol import Encoded, FrameBatch, Turn
+from vlmtrain.models.protocol import Encoded, FrameBatch, Turn, take_rows
 from vlmtrain.models.shapes import TransformerShape, shape_from_hf_config
 
 WEIGHTS = "model.safetensors"
@@ -127,7 +127,7 @@ class ComposedVLM(nn.Module):
         slots counted in row-major token order; ``slot_age[s]`` its age for the frame-age embedding.
         """
         embeds = self.lm.get_input_embeddings()(input_ids)
-        feats_SKD = features[slot_frames]
+        feats_SKD = take_rows(features, slot_frames)
         if self.frame_age is not None and slot_age is not None:
             ages = slot_age.clamp(max=self.frame_age.num_embeddings - 1)
             feats_SKD = feats_SKD + self.frame_age(ages)[:, None, :]
@@ -159,7 +159,7 @@ class ComposedVLM(nn.Module):
         start = torch.where(hist, current.shape[0] * k + (hist.cumsum(0) - 1) * kh, ((~hist).cumsum(0) - 1) * k)
         offsets = torch.arange(int(n_tok.sum()), device=feats_SKD.device) - torch.repeat_interleave(
             n_tok.cumsum(0) - n_tok, n_tok)
-        return table[torch.repeat_interleave(start, n_tok) + offsets]
+        return take_rows(table, torch.repeat_interleave(start, n_tok) + offsets)
 
     def forward_lm(
         self,

@@ -27,7 +27,7 @@ from torch import nn
 from vlmtrain.models.export import export_merged
 from vlmtrain.models.loss import labelled_cross_entropy
 from vlmtrain.models.parts import part_from_name
-from vlmtrain.models.protocol import IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, Turn
+from vlmtrain.models.protocol import IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, Turn, take_rows
 from vlmtrain.models.shapes import TransformerShape, shape_from_hf_config
 
 __all__ = ["HFVLMAdapter", "IGNORE_INDEX", "IMAGE_PLACEHOLDER", "Encoded", "FrameBatch", "Turn"]
@@ -119,7 +119,7 @@ class HFVLMAdapter(nn.Module):
         (every slot has K tokens whatever its age: ``slot_age`` is not used)."""
         embeds = self.hf.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
-        flat_TD = features[slot_frames].reshape(-1, features.shape[-1])
+        flat_TD = take_rows(features, slot_frames).reshape(-1, features.shape[-1])
         if int(mask.sum()) != flat_TD.shape[0]:
             raise ValueError(f"{self.family}: {int(mask.sum())} image-pad positions but "
                              f"{slot_frames.numel()} slots x {features.shape[1]} tokens = {flat_TD.shape[0]}")

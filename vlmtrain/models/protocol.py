@@ -23,6 +23,19 @@ IGNORE_INDEX = -100  # label of every position that is not a target
 IMAGE_PLACEHOLDER = "<image>"  # one per image in a conversation turn's text
 
 
+def take_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` along dim 0 (``index`` 1-D, repeats allowed) with a deterministic backward.
+
+    Every ``embed`` gathers visual tokens this way: one unique frame fills the slots of many samples
+    (a history frame is shared by up to eight later decisions), so the backward sums many rows into
+    one. Advanced indexing's backward (``index_put_`` with accumulation) sums those rows in a
+    thread-dependent order on a multi-threaded CPU, which made two identical default runs drift
+    apart (``docs/reproducibility.md``); the embedding backward used here sums them in index order on
+    CPU and sorts on CUDA, so the gradient is the same bits on every run."""
+    flat = table.reshape(table.shape[0], -1)
+    return torch.nn.functional.embedding(index, flat).reshape(index.shape[0], *table.shape[1:])
+
+
 @dataclass(frozen=True)
 class Turn:
     """One conversation turn; ``text`` holds one ``<image>`` placeholder per image of the turn."""

@@ -48,6 +48,7 @@ from vlmtrain.models.qwen_vl_inputs import (
     to_rgb_pil,
 )
 from vlmtrain.models.loss import labelled_cross_entropy
+from vlmtrain.models.protocol import take_rows
 from vlmtrain.models.vision_attention import enable_batched_vision_attention, use_linear_patch_embed
 
 ROLES = ("system", "user", "assistant")
@@ -363,7 +364,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
                              f"(1 + {self.deepstack_levels} deepstack) x {d} = {self._feature_dim()}")
         text_BLD = super().embed(input_ids, features[..., :d], slot_frames)  # checks the slot count
         mask = (input_ids == self.image_token_id).unsqueeze(-1)
-        deep_TX = features[slot_frames][..., d:].reshape(-1, features.shape[-1] - d)
+        deep_TX = take_rows(features, slot_frames)[..., d:].reshape(-1, features.shape[-1] - d)
         deep_BLX = text_BLD.new_zeros(*input_ids.shape, deep_TX.shape[-1])
         deep_BLX = deep_BLX.masked_scatter(mask, deep_TX.to(text_BLD.dtype))
         return torch.cat([text_BLD, deep_BLX], dim=-1)

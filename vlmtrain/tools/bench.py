@@ -36,6 +36,7 @@ from vlmtrain.features.source import FeatureSource, open_feature_source
 from vlmtrain.metrics.meter import StepMeter
 from vlmtrain.train.build import build_batches, build_model_and_data, device_peak, run_flops, seed_everything
 from vlmtrain.train.optim import build_optimizer, build_scheduler
+from vlmtrain.train.reproducible import configure_threads_and_determinism
 from vlmtrain.train.step import PHASES, PhaseTimer, autocast_context, lm_loss, train_step
 
 log = logging.getLogger("vlmtrain")
@@ -139,8 +140,7 @@ def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[st
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    configure_threads_and_determinism(cfg.train.threads, cfg.train.deterministic, log)
     seed_everything(cfg.seed)
     model, data = build_model_and_data(cfg, out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,6 +29,7 @@ from vlmtrain.train.checkpoint import (
     latest_run_checkpoint, load_run_checkpoint, model_for_saving, recover_best, save_best_model, save_run_checkpoint,
 )
 from vlmtrain.train.guards import Preemption, check_step, fault_steps
+from vlmtrain.train.reproducible import configure_threads_and_determinism
 from vlmtrain.train.step import autocast_context, train_step
 from vlmtrain.train.validate import BestTracker, ValidationSet, better_is_lower, validate_rollouts, validate_samples, validation_set
 
@@ -86,17 +87,17 @@ def validate(cfg: RunConfig, vset: Optional[ValidationSet], parallel, source, in
 
 
 def start_process(cfg: RunConfig) -> DistInfo:
-    """This process's part of the job: the CUDA allocator setting (before CUDA starts), the process
-    group when ``torchrun`` started it (gloo on CPU, nccl on CUDA), torch threads. DeepSpeed needs
-    the process group even for one process (``torchrun --nproc_per_node 1``)."""
+    """This process's part of the job: the CUDA allocator setting and torch threads /
+    ``train.deterministic`` (before CUDA starts), the process group when ``torchrun`` started it (gloo
+    on CPU, nccl on CUDA). DeepSpeed needs the process group even for one process
+    (``torchrun --nproc_per_node 1``)."""
     if cfg.memory.alloc_conf and torch.cuda.is_available():
         configure_allocator(get_logger(), cfg.memory.alloc_conf)
+    configure_threads_and_determinism(cfg.train.threads, cfg.train.deterministic, get_logger())
     info = init_distributed(cfg.parallel.comm, cfg.parallel.timeout_s)
     if cfg.parallel.backend == "deepspeed" and not info.distributed:
         raise ConfigError("parallel.backend=deepspeed needs a process group: launch with torchrun "
                           "(also for one process: torchrun --nproc_per_node 1 -m vlmtrain.cli train ...)")
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
     return info
 
 
