@@ -71,3 +71,23 @@ def test_corrupt_checkpoint_is_one_line_naming_it(tiny_cfg, tmp_path):
     proc = _vlmtrain("train", "--config", str(cfg_path), "train.resume=true", "train.steps=20", cwd=tmp_path)
     line = _one_error_line(proc, "vlmtrain: checkpoint error: ")
     assert str(ckpt) in line and "cannot resume from this checkpoint" in line
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_image_corrupt_past_its_header_names_the_record_when_decoded_lazily(tmp_path, workers):
+    """A PNG whose signature is fine but whose body is cut passes the index's header check and fails
+    only when a step decodes it: on the loader thread or (``data.workers=1``) in a loader process. The
+    error still names the annotation file and the record that showed the image."""
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:40])
+    records = [{"image": f"{i % 3}.png", "conversations": ok} for i in range(20)]
+    records.insert(2, {"image": "cut.png", "conversations": ok})
+    ann = tmp_path / "train.jsonl"
+    ann.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = _vlmtrain("train", "--preset", "gridnav_tiny", f"output_dir={tmp_path / 'run'}", "data.format=llava_json",
+                     f"data.root={ann}", "data.gridnav_episodes=0", "train.progress=false", f"data.workers={workers}",
+                     "train.steps=4", cwd=tmp_path)
+    line = _one_error_line(proc, "vlmtrain: data error: ")
+    assert line.startswith(f"vlmtrain: data error: {ann}: line 3: unreadable_image: image {tmp_path / 'cut.png'}"), line

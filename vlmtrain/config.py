@@ -144,7 +144,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest checkpoint in output_dir/checkpoints
     progress: bool = True  # live progress bar on an interactive terminal
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
-    deterministic: bool = False  # deterministic algorithms only (an op without one raises), fixed threads, CUDA workspace and cuDNN settings (docs/reproducibility.md)
+    deterministic: bool = False  # deterministic kernels only (an op without one raises), pinned threads, CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN benchmark off; default CPU runs are bitwise reproducible without it (docs/reproducibility.md)
     grad_checkpointing: list[str] = field(default_factory=list)  # parts whose layers recompute activations in backward, e.g. [llm] or [vision, llm]
     record_samples: bool = False  # write the sample ids of every step to samples.jsonl (checks data order and resume)
     best_metric: str = ""  # metric that keeps checkpoints/best, e.g. val/loss or eval/sr ("": none; needs eval.every)

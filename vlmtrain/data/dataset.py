@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -142,8 +142,12 @@ class SampleTable:
     the index's mapped columns when a step is built.
     """
 
-    def __init__(self, store: _Store, rows: np.ndarray, frame_lookup: np.ndarray):
+    def __init__(self, store: _Store, rows: np.ndarray, frame_lookup: np.ndarray,
+                 blames: Sequence[tuple[int, str]] = ()):
         self.store, self.rows, self.frame_lookup = store, rows, frame_lookup
+        # (first global sample id, annotation file) of every source, in order: what errors name.
+        self._blame_starts = np.array([b[0] for b in blames], dtype=np.int64)
+        self._blames = [b[1] for b in blames]
         self.lengths = store.column(rows, "seq_len")
         self.label_counts = store.column(rows, "seq_labels")
         self.num_frames = store.column(rows, "num_frames")
@@ -162,6 +166,13 @@ class SampleTable:
 
     def __iter__(self) -> Iterator[TokenizedSample]:
         return (self[i] for i in range(len(self)))
+
+    def record_of(self, i: int) -> tuple[str, Any]:
+        """(annotation file, record) of sample i, as data errors name them."""
+        g = int(self.rows[i])
+        index, local, _ = self.store.locate(g)
+        k = int(np.searchsorted(self._blame_starts, g, side="right")) - 1
+        return (self._blames[k] if k >= 0 else "<unknown source>"), index.record(local)
 
     def frame_lists(self) -> list[tuple[int, ...]]:
         """Every planned sample's frame ids (episode grouping; toy-scale opt-in)."""
@@ -405,6 +416,6 @@ def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], polic
         log.warning("skipped records: %s (first: %s)", policy.summary(),
                     [e for examples in policy.examples.values() for e in examples[:1]])
     table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
-    return TrainData(SampleTable(store, rows, lookup), frames, int(model.tokenizer.pad_token_id),
+    return TrainData(SampleTable(store, rows, lookup, [(s.start, s.blame) for s in sources]), frames, int(model.tokenizer.pad_token_id),
                      int(model.image_token_id), table, policy.summary(),
                      sample_source=sample_source, source_names=[s.name for s in sources])

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from vlmtrain.data.errors import DataError
 from vlmtrain.data.grouping import grouped_permutation
 from vlmtrain.data.samples import TokenizedSample
 from vlmtrain.features.fingerprint import frame_keys as content_keys
@@ -140,7 +141,11 @@ class StepBuilder:
         out = []
         for micro in spec.micro:
             rows = [[self.samples[i] for i in row] for row in micro]
-            batch = collate_rows(rows, self.frames, self.pad_id, self.image_id, packed=spec.packed, dedup=self.dedup)
+            try:
+                batch = collate_rows(rows, self.frames, self.pad_id, self.image_id, packed=spec.packed,
+                                     dedup=self.dedup)
+            except DataError as e:
+                raise self._blame(e, micro) from None
             batch.sample_ids = tuple(i for row in micro for i in row)
             batch.step_label_tokens = spec.label_tokens
             batch.token_ratio, batch.vision_ratio = spec.token_ratio, spec.vision_ratio
@@ -148,6 +153,19 @@ class StepBuilder:
                 batch.frame_keys = self._keys(batch, micro)
             out.append(batch)
         return out
+
+    def _blame(self, err: DataError, micro: Sequence[Sequence[int]]) -> DataError:
+        """An image that fails when a step decodes it (``LazyFrames``: its header passed the index's
+        check) named with the annotation file and record of the first sample here that shows it."""
+        paths = getattr(self.frames, "paths", None)
+        record_of = getattr(self.samples, "record_of", None)
+        if err.record is not None or paths is None or record_of is None:
+            return err
+        for i in (i for row in micro for i in row):
+            if any(str(paths[f]) == str(err.path) for f in self.samples[i].frames):
+                blame, record = record_of(i)
+                return DataError(blame, err.reason, record, f"image {err.path}: {err.detail}".rstrip(": "))
+        return err
 
     def _keys(self, batch: Batch, micro: Sequence[Sequence[int]]) -> list[str]:
         if self.keys is None:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vlmtrain.data.errors import DataError
 from vlmtrain.data.loader import Batch
 
 # Steps built ahead of the one being trained.
@@ -35,8 +36,13 @@ class _Steps(Dataset):
     def __len__(self) -> int:
         return self.end - self.start
 
-    def __getitem__(self, i: int) -> list[Batch]:
-        return self.build(self.start + i)
+    def __getitem__(self, i: int) -> list[Batch] | DataError:
+        # A data error travels back as a value: the DataLoader would re-raise it as a RuntimeError
+        # holding the worker's traceback, and the user would lose the one-line `vlmtrain: data error`.
+        try:
+            return self.build(self.start + i)
+        except DataError as e:
+            return e
 
 
 def _as_is(item):
@@ -80,6 +86,8 @@ class BatchPrefetcher:
 
     def _produce(self) -> list[Batch]:
         micro = next(self._source)
+        if isinstance(micro, DataError):
+            raise micro
         if self.prepare is not None:
             for b in micro:
                 self.prepare(b)
