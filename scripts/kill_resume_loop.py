@@ -4,9 +4,10 @@
 
 Two uninterrupted reference runs measure the run-to-run spread (0 when the run is deterministic). Each
 chain then starts the same run with ``train.resume=true`` and kills it with SIGKILL ``kills / chains``
-times, cycling through three moments: at a random time, while a checkpoint is being written (its
+times, cycling through three moments: at a random time (in the first 60 % of a run's time), while a checkpoint is being written (its
 ``.tmp-step-N`` directory exists) and right after a checkpoint appeared. After the last kill the chain
-runs to the end (a start that finishes before its kill ends the chain early, and is listed); its final weights are compared with the first reference's. The result is one line per
+runs to the end (a start that finishes before its kill ends the chain early, and is listed); its
+final weights are compared with the first reference's. The result is one line per
 chain and a JSON summary; the exit code is 0 when every chain ends bitwise equal to the reference
 (``--within-spread``: no further from it than the second reference).
 """
@@ -47,7 +48,9 @@ def _kill(proc: subprocess.Popen, out: Path, moment: str, rng: random.Random, ru
     """SIGKILL ``proc`` at ``moment``; returns what happened ("killed <moment>" or "finished")."""
     deadline = time.time() + max(4 * run_s, 120)
     if moment == "random":
-        until = time.time() + rng.uniform(0.5, run_s)
+        # In the first 60 % of an uninterrupted run's time: a later kill often finds the run at its end,
+        # which ends the chain before its checkpoint-moment kills.
+        until = time.time() + rng.uniform(0.5, max(0.6 * run_s, 1.0))
         while proc.poll() is None and time.time() < until:
             time.sleep(0.01)
     else:

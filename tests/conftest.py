@@ -38,6 +38,23 @@ def tiny_cfg(gridnav_root, tmp_path):
     return cfg
 
 
+def _keep_process_torch_settings():
+    """Yield, then put back torch's intra-op threads and deterministic-algorithms switch."""
+    import torch
+
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    yield
+    torch.set_num_threads(before[0])
+    torch.use_deterministic_algorithms(before[1])
+
+
+# An in-process ``train`` applies ``train.threads`` / ``train.deterministic`` to the whole process, as a
+# run should. These put them back after every test and every module (a module-scoped fixture may train),
+# so later tests, and the subprocess runs they compare with, see torch's defaults.
+_restore_torch_settings_per_test = pytest.fixture(autouse=True)(_keep_process_torch_settings)
+_restore_torch_settings_per_module = pytest.fixture(autouse=True, scope="module")(_keep_process_torch_settings)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch intra-op thread for a module's tests, restored afterwards: tiny models gain nothing

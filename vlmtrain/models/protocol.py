@@ -12,6 +12,7 @@ of the token ids filled with visual tokens) -> ``forward_lm`` (loss at the label
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
@@ -32,7 +33,7 @@ def take_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     thread-dependent order on a multi-threaded CPU, which made two identical default runs drift
     apart (``docs/reproducibility.md``); the embedding backward used here sums them in index order on
     CPU and sorts on CUDA, so the gradient is the same bits on every run."""
-    flat = table.reshape(table.shape[0], -1)
+    flat = table.reshape(table.shape[0], math.prod(table.shape[1:]))  # -1 is ambiguous for 0 rows
     return torch.nn.functional.embedding(index, flat).reshape(index.shape[0], *table.shape[1:])
 
 
