@@ -4,11 +4,11 @@
 
 Two uninterrupted reference runs measure the run-to-run spread (0 when the run is deterministic). Each
 chain then starts the same run with ``train.resume=true`` and kills it with SIGKILL ``kills / chains``
-times, cycling through three moments: at a random time (in the first 60 % of a run's time), while a checkpoint is being written (its
-``.tmp-step-N`` directory exists) and right after a checkpoint appeared. After the last kill the chain
-runs to the end (a start that finishes before its kill ends the chain early, and is listed); its
-final weights are compared with the first reference's. The result is one line per
-chain and a JSON summary; the exit code is 0 when every chain ends bitwise equal to the reference
+times, cycling through three moments: at a random time (in the first 60 % of a run's time), while a
+checkpoint is being written (its ``.tmp-step-N`` directory exists) and right after a checkpoint
+appeared. After the last kill the chain runs to the end (a start that finishes before its kill ends the
+chain early, and is listed); its final weights are compared with the first reference's. The result is
+one line per chain and a JSON summary; the exit code is 0 when every chain ends bitwise equal to the reference
 (``--within-spread``: no further from it than the second reference).
 """
 

@@ -39,13 +39,16 @@ def tiny_cfg(gridnav_root, tmp_path):
 
 
 def _keep_process_torch_settings():
-    """Yield, then put back torch's intra-op threads and deterministic-algorithms switch."""
+    """Yield, then put back what ``train.threads`` / ``train.deterministic`` switch process-wide: the
+    intra-op threads, deterministic algorithms and cuDNN's benchmark / deterministic flags."""
     import torch
 
-    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     yield
     torch.set_num_threads(before[0])
     torch.use_deterministic_algorithms(before[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
 
 
 # An in-process ``train`` applies ``train.threads`` / ``train.deterministic`` to the whole process, as a

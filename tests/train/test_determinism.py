@@ -116,21 +116,10 @@ def test_two_default_qwen_lora_runs_end_with_equal_weights(tiny_qwen, gridnav_ro
     _assert_bitwise(*runs)
 
 
-@pytest.fixture
-def restore_determinism():
-    """``train.deterministic`` switches process-wide torch settings: put them back for later tests."""
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-              torch.backends.cudnn.deterministic, torch.get_num_threads())
-    yield
-    torch.use_deterministic_algorithms(before[0])
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
-    torch.set_num_threads(before[3])
-
-
-def test_deterministic_mode_switches_torch_and_trains_the_same_weights(tiny_cfg, tmp_path, caplog,
-                                                                      restore_determinism, monkeypatch):
+def test_deterministic_mode_switches_torch_and_trains_the_same_weights(tiny_cfg, tmp_path, caplog, monkeypatch):
     """``train.deterministic=true`` on CPU: every op of a composed training step has a deterministic
-    kernel (none raises), the settings are on and logged, and the weights equal a default run's."""
+    kernel (none raises), the settings are on and logged, and the weights equal a default run's. The
+    process-wide switches are put back afterwards by tests/conftest.py."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     tiny_cfg.train.steps, tiny_cfg.train.ckpt_every = 30, 0
     tiny_cfg.output_dir = str(tmp_path / "default")
