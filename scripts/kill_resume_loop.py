@@ -4,10 +4,12 @@
 
 Two uninterrupted reference runs measure the run-to-run spread (0 when the run is deterministic). Each
 chain then starts the same run with ``train.resume=true`` and kills it with SIGKILL ``kills / chains``
-times, cycling through three moments: at a random time (in the first 60 % of a run's time), while a
-checkpoint is being written (its ``.tmp-step-N`` directory exists) and right after a checkpoint
-appeared. After the last kill the chain runs to the end (a start that finishes before its kill ends the
-chain early, and is listed); its final weights are compared with the first reference's. The result is
+times, cycling through three moments: at a random time (in the first 60 % of the faster reference's
+time), while a checkpoint is being written (its ``.tmp-step-N`` directory exists) and right after a
+checkpoint appeared. After the last kill the chain runs to the end; its final weights are compared with
+the first reference's. A start that finishes before its kill ends its chain early (it is listed), and
+further chains are added until ``--kills`` kills were made (at most ``3 * chains`` chains), so a machine
+that got faster after the references were timed still gets every kill. The result is
 one line per chain and a JSON summary; the exit code is 0 when every chain ends bitwise equal to the reference
 (``--within-spread``: no further from it than the second reference).
 """
@@ -88,15 +90,17 @@ def kill_loop(train_args: list[str], work: Path, kills: int, chains: int, seed: 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rng = random.Random(seed)
-    run_s = _run_to_end(train_args, work / "ref1")
-    _run_to_end(train_args, work / "ref2")
+    run_s = min(_run_to_end(train_args, work / "ref1"), _run_to_end(train_args, work / "ref2"))
     ref = load_file(work / "ref1" / "model" / "model.safetensors")
     spread = _max_diff(ref, load_file(work / "ref2" / "model" / "model.safetensors"))
     summary: dict = {"train_args": train_args, "run_s": round(run_s, 1), "ref_spread": {
         "tensors_differ": spread[0], "max_abs_diff": spread[1]}, "chains": []}
-    for c in range(chains):
+    made = 0
+    for c in range(3 * chains):
+        if made >= kills:
+            break
         out = work / f"chain{c}"
-        n = kills // chains + (c < kills % chains)
+        n = min(-(-kills // chains), kills - made)  # ceil(kills / chains), never past the total
         events = []
         while len(events) < n:
             events.append(_kill(_start(train_args, out), out, MOMENTS[len(events) % len(MOMENTS)], rng, run_s))
@@ -107,6 +111,7 @@ def kill_loop(train_args: list[str], work: Path, kills: int, chains: int, seed: 
         differ, diff = _max_diff(ref, load_file(out / "model" / "model.safetensors"))
         chain = {"chain": c, "kills": sum(e.startswith("killed") for e in events), "events": events,
                  "tensors_differ": differ, "max_abs_diff": diff}
+        made += chain["kills"]
         summary["chains"].append(chain)
         print(f"chain {c}: {chain['kills']} kills ({', '.join(events)}); vs ref1: {differ} tensors differ, "
               f"max |diff| {diff:.3g}", flush=True)

@@ -26,9 +26,10 @@ def test_kills_at_every_moment_resume_to_the_uninterrupted_weights(gridnav_root,
     rc = loop.main(["--kills", "3", "--chains", "1", "--work", str(tmp_path / "w"), "--", *args])
     out = capsys.readouterr().out
     summary = loop.json.loads(out.strip().splitlines()[-1])
-    events = summary["chains"][0]["events"]
-    assert events == ["killed random", "killed during_checkpoint", "killed after_checkpoint"] or \
-        events[:2] == ["killed random", "killed during_checkpoint"], events  # a late random kill may find the run done
+    events = [e for ch in summary["chains"] for e in ch["events"]]
+    assert events[:2] == ["killed random", "killed during_checkpoint"], events
+    # every kill asked for is made: a chain that finished before its kill is followed by another
+    assert summary["kills"] == 3, summary
     assert summary["ref_spread"]["tensors_differ"] == 0  # two default runs are bitwise equal
     assert summary["bitwise_equal"] and rc == 0, out
     # the chain really resumed from checkpoints: its metrics restart after a kill

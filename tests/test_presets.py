@@ -22,7 +22,7 @@ def test_preset_names():
 def test_presets_are_fresh_objects():
     a = get_preset("gridnav")
     a.train.steps = 1
-    assert get_preset("gridnav").train.steps == 1500
+    assert get_preset("gridnav").train.steps == 1200
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -53,15 +53,18 @@ def test_gridnav_preset_values():
         "data.format": "lerobot_vln",
         "data.sources": [],
         "data.gridnav_episodes": 1500,         # README: --episodes 1500
-        "data.num_history": 2,                 # README: 2 history frames instead of InternVLA-N1's 8
+        "data.num_history": 1,                 # README: 1 history frame instead of InternVLA-N1's 8
         "data.image_size": 32,
         "model.history_tokens": 1,             # each history frame pooled to one token
         "model.patch_size": 8,
         "model.pixel_shuffle": 2,              # (32 / 8 / 2)^2 = 4 tokens for the current frame
-        "train.steps": 1500,
+        "train.steps": 1200,
         "train.batch_size": 128,
         "train.grad_accum": 1,
-        "train.ckpt_every": 200,
+        "train.ckpt_every": 300,
+        "train.best_metric": "eval/sr",        # README: the demo reports the best checkpoint
+        "eval.every": 300,
+        "eval.rollout_episodes": 100,
         "optim.lr": 1e-3,
         "optim.warmup_steps": 60,
     }
@@ -89,6 +92,9 @@ def test_gridnav_tiny_differs_from_gridnav_only_in_size():
         "optim.warmup_steps": 2,
         "optim.lr": 5e-3,
         "eval.episodes": 8,
+        "eval.every": 0,                  # seconds-long runs validate only where a test asks
+        "eval.rollout_episodes": 0,
+        "train.best_metric": "",
     }
 
 
@@ -106,5 +112,6 @@ def test_gridnav_yaml_equals_preset():
     diffs = {k: (from_yaml[k], preset[k]) for k in preset if from_yaml[k] != preset[k]}
     assert diffs == GRIDNAV_YAML_DIFFERENCES, f"configs/gridnav.yaml drifted from presets.gridnav(): {diffs}"
     # and the file is not vacuous: it really sets the demo's values over the defaults
-    assert from_yaml["train.steps"] == 1500 and from_yaml["data.num_history"] == 2
+    assert from_yaml["train.steps"] == 1200 and from_yaml["data.num_history"] == 1
+    assert from_yaml["eval.every"] == 300 and from_yaml["train.best_metric"] == "eval/sr"
     assert from_yaml["model.history_tokens"] == 1 and from_yaml["data.gridnav_episodes"] == 1500

@@ -25,7 +25,8 @@ from vlmtrain.data.errors import ErrorPolicy
 from vlmtrain.data.index import default_index_root
 from vlmtrain.data.loader import StepBuilder
 from vlmtrain.data.sampler import make_plan
-from vlmtrain.envs.gridnav.generate import write_dataset
+from vlmtrain.envs.gridnav.expert import EXPERT_VERSION
+from vlmtrain.envs.gridnav.generate import expert_version, write_dataset
 from vlmtrain.features.source import FeatureSource
 from vlmtrain.metrics.flops import ModelFlops, model_flops, peak_flops
 from vlmtrain.models.lora import LoraSettings, apply_lora, format_trainable
@@ -54,13 +55,21 @@ def seed_everything(seed: int) -> None:
 
 
 def ensure_gridnav(dcfg) -> None:
-    """Generate the GridNav training set into ``data.root`` when asked (``gridnav_episodes > 0``) and absent."""
+    """Generate the GridNav training set into ``data.root`` when asked (``gridnav_episodes > 0``) and
+    absent, or again when it was generated with another version of the expert's labels."""
     root = Path(dcfg.root)
-    if dcfg.gridnav_episodes <= 0 or (root / "meta" / "info.json").exists():
+    if dcfg.gridnav_episodes <= 0:
         return
+    if (root / "meta" / "info.json").exists():
+        found = expert_version(root)
+        if found is None or found == EXPERT_VERSION:
+            return
+        log.warning("%s was generated with GridNav expert version %d (now %d): generating it again",
+                    root, found, EXPERT_VERSION)
     log.info("generating %d GridNav episodes into %s", dcfg.gridnav_episodes, root)
     write_dataset(root, episodes=dcfg.gridnav_episodes, seed=dcfg.gridnav_seed, split="train",
-                  noise_p=dcfg.gridnav_noise, detour_p=dcfg.gridnav_detour, setting=dcfg.setting)
+                  noise_p=dcfg.gridnav_noise, detour_p=dcfg.gridnav_detour, setting=dcfg.setting,
+                  overwrite=True)
 
 
 def lora_settings(mcfg) -> LoraSettings:

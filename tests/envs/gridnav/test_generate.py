@@ -95,3 +95,29 @@ def test_write_dataset_refuses_existing(tmp_path: Path) -> None:
         write_dataset(tmp_path / "ds", 1, 0, workers=1)
     write_dataset(tmp_path / "ds", 1, 0, workers=1, overwrite=True)
     assert (tmp_path / "ds/meta/info.json").exists()
+
+
+def test_data_from_an_older_expert_is_generated_again(tmp_path: Path) -> None:
+    """``ensure_gridnav`` keeps data labelled by the current expert and regenerates data whose labels
+    came from an older one (written before versions were recorded: no ``expert_version``)."""
+    import json
+
+    from vlmtrain.config import DataConfig
+    from vlmtrain.envs.gridnav.expert import EXPERT_VERSION
+    from vlmtrain.envs.gridnav.generate import expert_version
+    from vlmtrain.train.build import ensure_gridnav
+
+    dcfg = DataConfig(root=str(tmp_path / "ds"), gridnav_episodes=2)
+    ensure_gridnav(dcfg)
+    meta = tmp_path / "ds" / "meta" / "gridnav.json"
+    assert expert_version(dcfg.root) == EXPERT_VERSION == 2
+    stamp = meta.stat().st_mtime_ns
+    ensure_gridnav(dcfg)  # current: kept as it is
+    assert meta.stat().st_mtime_ns == stamp
+    old = json.loads(meta.read_text())
+    del old["expert_version"]
+    meta.write_text(json.dumps(old))
+    assert expert_version(dcfg.root) == 1
+    ensure_gridnav(dcfg)
+    assert expert_version(dcfg.root) == EXPERT_VERSION
+    assert expert_version(tmp_path / "nothing") is None

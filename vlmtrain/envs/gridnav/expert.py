@@ -22,13 +22,18 @@ from .world import (FORWARD, FORWARD_M, HEADING_STEPS, INSTRUCTION_TEMPLATES, LE
                     footprint_distance, goal_bearing, goal_distance, heading_from_steps,
                     sample_layout, step)
 
-AHEAD_RAD = math.radians(7.5) + 1e-6  # half a turn: after turning toward the goal it is ahead
+# FORWARD while the goal is within +-22.5 deg (a turn and a half). A half-turn window (7.5 deg, the
+# first version) asks a policy to read the goal's bearing to a few degrees from 32 px frames; one
+# that misjudges it by 5 deg turns left and right forever (docs/gridnav.md has the numbers).
+AHEAD_RAD = math.radians(22.5) + 1e-6
+EXPERT_VERSION = 2  # bumped whenever expert_action decides differently (generated data records it)
 IN_VIEW_RAD = math.radians(45.0 - 3.0)  # hfov 90 deg with a margin so the goal is visibly in view
 
 
 def expert_action(spec: EpisodeSpec, pose: Pose) -> int:
     """The expert's action at ``pose`` (see module doc). Never oscillates: turns toward an in-view
-    goal keep it in view and end with |bearing| <= 7.5 deg; the search always turns LEFT."""
+    goal keep it in view, never carry it across the heading, and end with |bearing| <= 22.5 deg;
+    the search always turns LEFT."""
     if goal_distance(spec, pose) <= STOP_RADIUS:
         return STOP
     b = goal_bearing(spec, pose)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .expert import Demo, demonstrate, make_episode
+from .expert import EXPERT_VERSION, Demo, demonstrate, make_episode
 from .render import encode_jpeg, render
 from .world import ACTION_NAMES, MAX_STEPS, EpisodeSpec, Pose, episode_rng
 
@@ -148,6 +148,15 @@ def _dump_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def expert_version(root: str | os.PathLike[str]) -> int | None:
+    """The expert version a generated GridNav dataset at ``root`` was labelled with (1 for data
+    written before versions were recorded); None when ``root`` holds no generated GridNav data."""
+    path = Path(root) / "meta" / "gridnav.json"
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text()).get("expert_version", 1))
+
+
 def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
                   split: str = "train", image_size: int = 64, noise_p: float = 0.25,
                   jpeg_quality: int = 90, setting: str = "125cm_0deg",
@@ -216,7 +225,7 @@ def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
             "generator": "vlmtrain.envs.gridnav", "episodes": episodes, "seed": seed,
             "split": split, "image_size": image_size, "noise_p": noise_p, "detour_p": detour_p,
             "jpeg_quality": jpeg_quality, "setting": setting, "camera_height": cam_h,
-            "hfov_deg": 90.0, "max_steps": MAX_STEPS,
+            "hfov_deg": 90.0, "max_steps": MAX_STEPS, "expert_version": EXPERT_VERSION,
         }, indent=2))
         (meta / "info.json").write_text(json.dumps({
             "codebase_version": CODEBASE_VERSION,
