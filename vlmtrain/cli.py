@@ -50,9 +50,21 @@ def _bench(args: argparse.Namespace) -> int:
         print(format_compare(record))
         print(json.dumps(record))
         return 0
+    if args.protocol:
+        from vlmtrain.tools.bench_protocol import format_protocol, run_protocol
+
+        if args.compare or args.startup:
+            raise ConfigError("--protocol measures the config as it is: it does not combine with --compare or --startup")
+
+        record = run_protocol(_load(args), args.protocol, steps=args.steps, loss_target=args.loss_target,
+                              loss_steps=args.loss_steps, results=Path(args.results))
+        print(format_protocol(record))
+        print(json.dumps(record))
+        print(f"appended to {args.results}")
+        return 1 if record["passed"] is False else 0
     from vlmtrain.tools.bench import bench
 
-    record = bench(_load(args), warmup=args.warmup, steps=args.steps, compare=args.compare,
+    record = bench(_load(args), warmup=args.warmup, steps=args.steps or 15, compare=args.compare,
                    warm_cache=not args.cold_cache)
     print(json.dumps(record))
     return 0
@@ -127,7 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
         "forward+backward on the same packed tokens, image features in memory). Writes OUTPUT_DIR/bench.json."))
     _config_args(b)
     b.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
-    b.add_argument("--steps", type=int, default=15, help="measured steps (default 15)")
+    b.add_argument("--steps", type=int, help="measured steps (default 15; --protocol internvl: 20, at least 15)")
+    b.add_argument("--protocol", choices=["internvl"],
+                   help="measure as the protocol fixes (internvl: 5 warm-up steps, TGS = tokens / step time / GPUs "
+                        "of every measured step, mean and spread), print the hyper-parameters the result depends "
+                        "on and append it to --results; exit 1 when --loss-target is missed (docs/benchmarks.md)")
+    b.add_argument("--loss-target", type=float, help="--protocol: the mean training loss of the 5 steps up to "
+                                                     "--loss-steps must be at most this")
+    b.add_argument("--loss-steps", type=int, help="--protocol: optimizer steps after which --loss-target is checked")
+    b.add_argument("--results", default="bench_results.jsonl",
+                   help="--protocol: JSON-lines file the result is appended to (default bench_results.jsonl)")
     b.add_argument("--compare", choices=["naive", "hf-trainer"],
                    help="naive: also run the same model and data padded, without de-duplication or cache; print the "
                         "ratio. hf-trainer: whole-process runs of the stock transformers.Trainer recipe and of "

@@ -70,7 +70,7 @@ def run_steps(cfg: RunConfig, data, model, source: FeatureSource, device: torch.
     timer = PhaseTimer(sync=True)
     model.train()
     source.settle(model)
-    step_times, kept = [], []
+    step_times, kept, per_step = [], [], []
     phase_totals = dict.fromkeys(PHASES, 0.0)
     try:
         for k in range(warmup + steps):
@@ -88,6 +88,8 @@ def run_steps(cfg: RunConfig, data, model, source: FeatureSource, device: torch.
             meter.update(micro, result, data_s=t1 - t0, step_s=t2 - t0, lr=optimizer.param_groups[0]["lr"])
             step_times.append(t2 - t0)
             kept.append(micro)
+            per_step.append({"step_s": t2 - t0, "samples": sum(b.num_samples for b in micro),
+                             "tokens": sum(b.num_tokens for b in micro), "loss": float(result["loss"])})
             phases["data"] = t1 - t0
             for name in PHASES:
                 phase_totals[name] += phases.get(name, 0.0)
@@ -99,6 +101,7 @@ def run_steps(cfg: RunConfig, data, model, source: FeatureSource, device: torch.
     out["breakdown_s"] = {name: round(total / steps, 5) for name, total in phase_totals.items()}
     out["samples_per_step"] = round(sum(b.num_samples for m in kept for b in m) / steps, 2)
     out["threads"] = torch.get_num_threads()
+    out["per_step"] = per_step
     return out, kept
 
 
@@ -159,6 +162,7 @@ def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[st
         floor = lm_floor(model, kept, source, device, cfg.train.precision)
     finally:
         source.close()
+    run.pop("per_step")
     record.update(run)
     record["lm_floor_step_s"] = floor["step_s"]
     record["lm_floor_step_s_median"] = floor["step_s_median"]
@@ -169,6 +173,7 @@ def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[st
         naive_cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, cache="off"))
         naive, _ = run_steps(naive_cfg, data, model, FeatureSource(), device, warmup, steps, dedup=False,
                              packing=False)
+        naive.pop("per_step")
         record["naive"] = naive
         record["speedup_samples_per_s"] = round(run["samples_per_s"] / max(naive["samples_per_s"], 1e-9), 3)
         record["speedup_tokens_per_s"] = round(run["tokens_per_s"] / max(naive["tokens_per_s"], 1e-9), 3)
