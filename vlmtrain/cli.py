@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlmtrain.config import ConfigError, RunConfig, load_config
 from vlmtrain.data.errors import DataError
-from vlmtrain.errors import CheckpointError, NonFiniteError
+from vlmtrain.errors import CheckpointError, NonFiniteError, UsageError
 from vlmtrain.presets import PRESETS, get_preset
 
 
@@ -99,6 +99,20 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     for path in export_run(args.run_dir, merged=args.merged, adapter=args.adapter, overwrite=args.overwrite):
         print(f"wrote {path}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from vlmtrain.tools.compare import compare
+    from vlmtrain.tools.compare_render import format_html, format_markdown
+
+    result = compare(args.inputs, gpus=args.gpus, s_per_it=args.s_per_it)
+    if args.html:
+        Path(args.html).write_text(format_html(result, show_all=args.all))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(format_markdown(result, show_all=args.all), end="")
     return 0
 
 
@@ -196,6 +210,29 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace non-empty output directories")
     x.set_defaults(func=_export)
 
+    k = sub.add_parser(
+        "compare", help="compare configs and runs side by side (settings, batch sizes, time, measured speed)",
+        description=(
+        "Compare YAML configs and/or run directories written by `vlmtrain train`, one column each, without "
+        "building a model. Prints Markdown: the settings that differ, grouped (model, LoRA, data, loader, batch, "
+        "optimizer, training, parallel, memory, other; --all: every setting); derived quantities (ranks, "
+        "per-device micro-batch = train.batch_size / (ranks x grad_accum), global batch, steps, warmup steps, "
+        "total time = steps x s/it); for run directories what they measured (s/it, samples/s, tokens/s, TGS, "
+        "MFU and peak memory when logged, loss at equal samples seen, best validation metric, wall time); and "
+        "'Not comparable:' warnings for a different model, data sources, global batch, precision, history "
+        "frames or image size (exit status still 0)."))
+    k.add_argument("inputs", nargs="+", metavar="CONFIG_OR_RUN", help="two or more YAML configs or run directories")
+    k.add_argument("--gpus", type=int, default=1, help="ranks (GPUs) of the config columns (default 1; run "
+                                                       "directories use their summary's world_size)")
+    k.add_argument("--s-per-it", metavar="S1,S2,...", help="seconds per optimizer step, one value per column (empty "
+                                                           "for none, e.g. 3.5,), e.g. read off a real run's log; "
+                                                           "gives the total time (run directories: their mean "
+                                                           "time/step_s when empty)")
+    k.add_argument("--all", action="store_true", help="list every setting, the equal ones too")
+    k.add_argument("--html", metavar="OUT", help="also write the tables as one self-contained HTML page")
+    k.add_argument("--json", action="store_true", help="print the comparison as JSON instead of Markdown")
+    k.set_defaults(func=_compare)
+
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     g = dsub.add_parser("gridnav", help="generate GridNav episodes in the InternData-N1 LeRobot layout")
@@ -227,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CheckpointError as e:
         print(f"vlmtrain: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:  # a bad command-line input that is not a config key
+        print(f"vlmtrain: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:  # names the step and its samples; a training failure, not a bad input
         print(f"vlmtrain: training stopped: {e}", file=sys.stderr)

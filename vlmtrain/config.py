@@ -58,6 +58,8 @@ class DataConfig:
     load_workers: int = 2  # processes that build the sample index (scene by scene) and decode frames at start-up
     index_dir: str = ""  # where sample indexes live ("": $VLMTRAIN_INDEX_DIR, else ~/.cache/vlmtrain/index); one per source and input fingerprint, built once, reused by every run
     workers: int = 0  # loader processes that decode each step's frames from disk (prefetching, pinned memory on CUDA); 0: decode every frame once at start-up and build steps on a thread
+    prefetch_factor: int = 0  # steps each loader process builds ahead (torch DataLoader prefetch_factor; needs data.workers > 0; 0: train/prefetch.py PREFETCH_STEPS, 2)
+    persistent_workers: bool = False  # keep the loader processes alive when their pass over the steps ends (DataLoader persistent_workers; needs data.workers > 0; vlmtrain makes one pass per run, so it only changes when they exit)
     packing: bool = True  # pack samples end to end (per-document attention, positions reset per sample; docs/benchmarks.md: faster than padding on every measured shape)
     max_pack_tokens: int = 0  # LLM-token budget of one pack (0: with per-document attention one pack per micro-batch, sized so a step holds train.batch_size samples on average, which depends on world size x grad_accum: set a budget to resume on another world size; else data.max_length)
     max_pack_vision: int = 0  # vision budget of one pack, in encoder patches (0: no vision budget)
@@ -280,6 +282,13 @@ def _validate(cfg: RunConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0")
+    if cfg.data.prefetch_factor < 0:
+        raise ConfigError(f"data.prefetch_factor={cfg.data.prefetch_factor}: must be >= 0")
+    for key, value in {"data.prefetch_factor": cfg.data.prefetch_factor,
+                       "data.persistent_workers": cfg.data.persistent_workers}.items():
+        if value and cfg.data.workers <= 0:
+            raise ConfigError(f"{key}={value} needs loader processes: set data.workers > 0 "
+                              "(data.workers=0 builds steps on a thread)")
     if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio={cfg.optim.warmup_ratio}: must be in [0, 1)")
     _validate_eval(cfg)

@@ -12,3 +12,8 @@ class NonFiniteError(RuntimeError):
     """A run stopped because a step's loss or gradient norm was NaN/Inf (``train.on_nonfinite=stop``)
     or the weights became non-finite; the message names the step and the samples it trained on. The
     CLI prints it as one line and exits 1: it is a training failure, not a bad input."""
+
+
+class UsageError(ValueError):
+    """A bad command-line input that is not a config key (a path that is neither a config nor a run
+    directory, a wrong count of values); the CLI prints it as one line and exits 2."""

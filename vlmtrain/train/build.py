@@ -225,7 +225,9 @@ def build_batches(cfg: RunConfig, data: TrainData, model: VLM, source: FeatureSo
     build = StepBuilder(data.samples, data.frames, data.pad_id, data.image_id, plan, dedup=dedup,
                         frame_keys=source.uses_cache)
     batches = BatchPrefetcher(build, start, end, workers=cfg.data.workers,
-                              prepare=lambda b: prepare_batch(model, b, source))
+                              prepare=lambda b: prepare_batch(model, b, source),
+                              prefetch_factor=cfg.data.prefetch_factor,
+                              persistent_workers=cfg.data.persistent_workers and cfg.data.workers > 0)
     return batches, plan
 
 

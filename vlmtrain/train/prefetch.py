@@ -57,18 +57,22 @@ class BatchPrefetcher:
     """Yields the micro-batches of plan steps ``start .. end-1`` in order, ``PREFETCH_STEPS`` ahead.
 
     ``build(k)``: step k's micro-batches (picklable for ``workers > 0``); ``prepare(batch)``: the
-    in-process stage (may be None).
+    in-process stage (may be None). With ``workers > 0``, ``prefetch_factor`` is the steps each loader
+    process builds ahead (0: ``PREFETCH_STEPS``) and ``persistent_workers`` keeps the processes alive
+    after their pass (both passed to the ``DataLoader``; ignored without loader processes).
     """
 
     def __init__(self, build: Callable[[int], list[Batch]], start: int, end: int, workers: int = 0,
-                 prepare: Optional[Callable[[Batch], None]] = None):
+                 prepare: Optional[Callable[[Batch], None]] = None, prefetch_factor: int = 0,
+                 persistent_workers: bool = False):
         self.prepare = prepare
         self.pin = torch.cuda.is_available()
         self._loader: Optional[DataLoader] = None
         if workers > 0:
             # Loader processes pin nothing (pinning is per-process); the prepare thread pins.
             self._loader = DataLoader(_Steps(build, start, end), batch_size=None, shuffle=False,
-                                      num_workers=workers, prefetch_factor=PREFETCH_STEPS, collate_fn=_as_is,
+                                      num_workers=workers, prefetch_factor=prefetch_factor or PREFETCH_STEPS,
+                                      persistent_workers=persistent_workers, collate_fn=_as_is,
                                       multiprocessing_context="fork")
             source: Iterator[list[Batch]] = iter(self._loader)
         else:
