@@ -135,12 +135,9 @@ def machine() -> dict:
     return info
 
 
-def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[str] = None,
-          warm_cache: bool = True) -> dict:
-    """Benchmark ``cfg`` as described in the module docstring; returns the bench record (also written
-    to ``output_dir/bench.json``)."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+def prepare(cfg: RunConfig) -> tuple[Path, object, object, torch.device, FeatureSource]:
+    """(output dir, model on the device, data, device, feature source) of a measurement of ``cfg``:
+    threads and determinism set, everything seeded. The caller closes the source."""
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     configure_threads_and_determinism(cfg.train.threads, cfg.train.deterministic, log)
@@ -148,8 +145,17 @@ def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[st
     model, data = build_model_and_data(cfg, out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
+    return out_dir, model, data, device, open_feature_source(cfg.features, model, out_dir, frames=len(data.frames))
+
+
+def bench(cfg: RunConfig, warmup: int = 3, steps: int = 15, compare: Optional[str] = None,
+          warm_cache: bool = True) -> dict:
+    """Benchmark ``cfg`` as described in the module docstring; returns the bench record (also written
+    to ``output_dir/bench.json``)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+    out_dir, model, data, device, source = prepare(cfg)
     initial = copy.deepcopy(model.state_dict()) if compare else None
-    source = open_feature_source(cfg.features, model, out_dir, frames=len(data.frames))
     record: dict = {"config": {"family": cfg.model.family, "packing": cfg.data.packing,
                                "feature_cache": source.uses_cache, "split_cache": source.split,
                                "precision": cfg.train.precision, "batch_size": cfg.train.batch_size,

@@ -16,21 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from vlmtrain.config import ConfigError, RunConfig
-from vlmtrain.features.source import open_feature_source
-from vlmtrain.tools.bench import machine, run_steps
-from vlmtrain.train.build import build_model_and_data, seed_everything
-from vlmtrain.train.reproducible import configure_threads_and_determinism
-
-log = logging.getLogger("vlmtrain")
+from vlmtrain.tools.bench import machine, prepare, run_steps
 
 MIN_STEPS = 15
 LOSS_WINDOW = 5
@@ -94,14 +86,7 @@ def run_protocol(cfg: RunConfig, protocol: str = "internvl", steps: Optional[int
     """Measure ``cfg`` under ``protocol``; returns the result (``passed``: None without a loss target) and
     appends it as one JSON line to ``results`` when given."""
     proto, measured = check_arguments(protocol, steps, loss_target, loss_steps)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    configure_threads_and_determinism(cfg.train.threads, cfg.train.deterministic, log)
-    seed_everything(cfg.seed)
-    model, data = build_model_and_data(cfg, out_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    source = open_feature_source(cfg.features, model, out_dir, frames=len(data.frames))
+    _, model, data, device, source = prepare(cfg)
     try:
         run, _ = run_steps(cfg, data, model, source, device, proto.warmup, measured)
     finally:
