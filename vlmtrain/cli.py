@@ -116,6 +116,13 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from vlmtrain.metrics.report import write_report
+
+    print(f"wrote {write_report(args.runs, args.out)}")
+    return 0
+
+
 def _data_gridnav(args: argparse.Namespace) -> int:
     from vlmtrain.envs.gridnav.generate import write_dataset
 
@@ -232,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--html", metavar="OUT", help="also write the tables as one self-contained HTML page")
     k.add_argument("--json", action="store_true", help="print the comparison as JSON instead of Markdown")
     k.set_defaults(func=_compare)
+
+    r = sub.add_parser("report", help="write a self-contained HTML report of one or more runs (plots inline)",
+                       description="Plot one run, or several overlaid, into one HTML page that opens without network: "
+                                   "loss against steps and samples seen, learning rate, throughput, MFU, step time, "
+                                   "data wait, memory per rank, rank balance, cache hit rate, frames per sample, "
+                                   "eval metrics, the data mixture, the summary and the config. A run still training "
+                                   "is reported as far as it got (docs/tools.md).")
+    r.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by `vlmtrain train`")
+    r.add_argument("--out", metavar="FILE", help="the HTML file (default RUN/report.html; required for several runs)")
+    r.set_defaults(func=_report)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)

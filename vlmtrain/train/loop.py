@@ -31,6 +31,7 @@ from vlmtrain.train.checkpoint import (
 from vlmtrain.train.guards import Preemption, check_step, fault_steps
 from vlmtrain.train.reproducible import configure_threads_and_determinism
 from vlmtrain.train.step import autocast_context, train_step
+from vlmtrain.metrics.report import write_run_report  # reads only the run's files; matplotlib loads lazily
 from vlmtrain.train.validate import BestTracker, ValidationSet, better_is_lower, validate_rollouts, validate_samples, validation_set
 
 RANK_SEED_STRIDE = 1_000_003  # rank r of a multi-process run draws from seed + stride * (r + 1) after the model is built
@@ -211,6 +212,7 @@ def train(cfg: RunConfig) -> dict:
         summary = {"preempted_at_step": stopped_at, "steps": cfg.train.steps, "world_size": info.world_size,
                    "nonfinite_skipped": meter.skipped_total}
         on_main((out / "summary.json").write_text, json.dumps(summary, indent=1))
+        on_main(write_run_report, out)  # report.html, marked preempted
         return summary
     on_main(lambda m: m.save_final(out / "model"), model_for_saving(parallel, rebuild))
     summary = dict(meter.summary(last, state["totals"], data.stats(), trainable), world_size=info.world_size,
@@ -220,4 +222,5 @@ def train(cfg: RunConfig) -> dict:
     if early_stop:
         summary["early_stopped_at_step"] = last
     on_main((out / "summary.json").write_text, json.dumps(summary, indent=1))
+    on_main(write_run_report, out)  # OUTPUT_DIR/report.html; a failure is a logged warning, never a failed run
     return summary
