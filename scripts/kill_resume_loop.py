@@ -95,15 +95,16 @@ def kill_loop(train_args: list[str], work: Path, kills: int, chains: int, seed: 
     spread = _max_diff(ref, load_file(work / "ref2" / "model" / "model.safetensors"))
     summary: dict = {"train_args": train_args, "run_s": round(run_s, 1), "ref_spread": {
         "tensors_differ": spread[0], "max_abs_diff": spread[1]}, "chains": []}
-    made = 0
-    for c in range(3 * chains):
+    made = 0  # kills so far; the moments cycle over the whole loop, so a chain that ended early
+    for c in range(3 * chains):  # leaves its moment to the next chain
         if made >= kills:
             break
         out = work / f"chain{c}"
         n = min(-(-kills // chains), kills - made)  # ceil(kills / chains), never past the total
         events = []
         while len(events) < n:
-            events.append(_kill(_start(train_args, out), out, MOMENTS[len(events) % len(MOMENTS)], rng, run_s))
+            moment = MOMENTS[(made + sum(e.startswith("killed") for e in events)) % len(MOMENTS)]
+            events.append(_kill(_start(train_args, out), out, moment, rng, run_s))
             if events[-1] == "finished":  # the run reached its end before this kill: the chain is done
                 break
         else:

@@ -22,8 +22,8 @@ def test_gridnav_samples_in_the_composed_chat_format(tiny_cfg):
     labelled = [i for i, lab in zip(first.input_ids, first.labels) if lab != -100]
     assert tok.convert_ids_to_tokens(labelled)[-1] == "<eos>" and len(labelled) == 2
     assert tok.convert_ids_to_tokens(labelled)[0] in {"STOP", "↑", "←", "→"}
-    later = data.samples[5]  # t=5 of episode 0: 2 pooled history frames (1 token each) + the current
-    assert later.frames == (0, 4, 5) and later.input_ids.count(data.image_id) == 1 + 1 + 4
+    later = data.samples[5]  # t=5 of episode 0: 1 pooled history frame (1 token) + the current
+    assert later.frames == (0, 5) and later.input_ids.count(data.image_id) == 1 + 4
 
 
 def test_a_sample_over_max_length_is_an_error_naming_its_record_or_a_counted_skip(tiny_cfg):

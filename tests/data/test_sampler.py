@@ -227,7 +227,7 @@ def test_step_gradient_independent_of_micro_batches_and_ranks(gridnav_small, pac
     spec = big_plan.step(0)
     if packing:  # the same packs split by hand (a packed plan's steps depend on world x accum)
         packs = spec.micro[0]
-        assert len(packs) % 4 == 0, len(packs)
+        assert len(packs) >= 4, len(packs)  # split 2 and 4 ways below (unevenly is fine: label-token weights)
 
         def split(parts: int) -> list[list[list[int]]]:
             return [packs[j::parts] for j in range(parts)]
