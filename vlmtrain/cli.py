@@ -82,6 +82,15 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from vlmtrain.tools.plan import build_plan_report
+    from vlmtrain.tools.plan_format import format_plan
+
+    report = build_plan_report(_load(args), gpus=args.gpus, nodes=args.nodes, gpu=args.gpu, mfu=args.mfu)
+    print(json.dumps(report) if args.json else format_plan(report))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from vlmtrain.train.evaluate import evaluate_run, format_report
 
@@ -205,6 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which model: best (RUN_DIR/checkpoints/best, kept by train.best_metric), final (RUN_DIR/model), "
                         "or auto: best when the run kept one, else final (default)")
     e.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plan", help="predict a config's parameters, batch, FLOPs, step time and memory per rank",
+                        description=(
+        "Read a config's data (sample indexes, no frame decoded) and build its model without weights, then "
+        "print parameters per part, samples per source, the batch arithmetic (micro-batch x accumulation x "
+        "ranks), steps, FLOPs per step (the FLOPs model training logs MFU with), step / epoch / run time at "
+        "a MFU (OUTPUT_DIR/bench.json's when measured on that GPU, else an assumption), and per rank and "
+        "backend (ddp, fsdp2, ZeRO-2/3, offload) parameter, gradient, optimizer, buffer and activation "
+        "memory with and without activation checkpointing, and whether it fits. Every assumption is printed."))
+    _config_args(pl)
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes (default 1); ranks = gpus x nodes")
+    pl.add_argument("--gpu", default="h100", help="GPU kind: h100, h100-pcie, h100-nvl, h200, h200-nvl, a100 "
+                                                   "(80 GB), a100-40, a100-80 (default h100)")
+    pl.add_argument("--mfu", type=float, help="model FLOPs utilisation for the time estimate (default: the "
+                                             "bench result for this config and GPU, else 0.35, assumed)")
+    pl.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    pl.set_defaults(func=_plan)
 
     x = sub.add_parser("export", help="export a run's model from its newest checkpoint (final model dir or PEFT adapter)",
                        description="Rebuild a run's model from RUN_DIR/config.yaml and its newest checkpoint, then "

@@ -106,6 +106,15 @@ def varlen_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     return out_flat.view(b, length, hq, d), None
 
 
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint``: (nothing extra for the forward, the packed-document
+    layout of that forward for the recomputation). Backward recomputes a checkpointed layer outside the
+    forward's :func:`packed_documents` context (and possibly on another thread), where :data:`VARLEN`
+    attention would otherwise fall back to plain SDPA over the whole row."""
+    layout = _LAYOUT.get()
+    return contextlib.nullcontext(), (packed_documents(layout) if layout is not None else contextlib.nullcontext())
+
+
 def varlen_mask(*args, **kwargs) -> Optional[torch.Tensor]:
     """The mask builder paired with :func:`varlen_sdpa_forward`: none inside ``packed_documents``
     (documents are separated by the gather), transformers' sdpa mask otherwise."""

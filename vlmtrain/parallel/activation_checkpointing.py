@@ -14,6 +14,7 @@ from typing import Sequence
 
 from torch import nn
 
+from vlmtrain.models.packed_attention import checkpoint_contexts
 
 
 
@@ -56,7 +57,9 @@ def apply_activation_checkpointing(model: nn.Module, parts: Sequence[str]) -> li
             if others:
                 raise ValueError(f"train.grad_checkpointing: {owner_name or 'the model'} holds the {part} and "
                                  f"{others} layers; {part} cannot be checkpointed alone")
-            kwargs = {"use_reentrant": False}  # transformers 4.x defaulted to the reentrant variant
+            # transformers 4.x defaulted to the reentrant variant; the recomputation must see the
+            # forward's packed-document layout (models/packed_attention.py).
+            kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
             if hasattr(owner, "activation_checkpointing_enable"):
                 owner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
