@@ -275,15 +275,13 @@ def _validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value}: must be > 0")
-    non_negative = {"data.workers": cfg.data.workers, "features.max_gib": cfg.features.max_gib,
+    non_negative = {"data.workers": cfg.data.workers, "data.prefetch_factor": cfg.data.prefetch_factor, "features.max_gib": cfg.features.max_gib,
                     "data.episode_group": cfg.data.episode_group, "data.max_pack_tokens": cfg.data.max_pack_tokens,
                     "train.epochs": cfg.train.epochs, "optim.warmup_steps": cfg.optim.warmup_steps,
                     "data.max_pack_vision": cfg.data.max_pack_vision}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 0")
-    if cfg.data.prefetch_factor < 0:
-        raise ConfigError(f"data.prefetch_factor={cfg.data.prefetch_factor}: must be >= 0")
     for key, value in {"data.prefetch_factor": cfg.data.prefetch_factor,
                        "data.persistent_workers": cfg.data.persistent_workers}.items():
         if value and cfg.data.workers <= 0:

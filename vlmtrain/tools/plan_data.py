@@ -22,15 +22,11 @@ from vlmtrain.config import ConfigError, RunConfig
 from vlmtrain.data.dataset import TrainData, conversations_of, load_data, open_indexes, read_sources
 from vlmtrain.data.errors import ErrorPolicy
 from vlmtrain.data.index import default_index_root
-from vlmtrain.data.sampler import make_plan
-from vlmtrain.models.lora import apply_lora
-from vlmtrain.models.packed_attention import enable_varlen_attention, uses_varlen
+from vlmtrain.models.packed_attention import uses_varlen
 from vlmtrain.models.protocol import VLM
 from vlmtrain.models.registry import COMPOSED, adapter_class, build_tokenizer, model_type_of
-from vlmtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from vlmtrain.tools.plan_arch import MicroShape
-from vlmtrain.train.build import TOKENIZER_DIR, build_model, lora_settings
-from vlmtrain.train.optim import apply_freeze
+from vlmtrain.train.build import TOKENIZER_DIR, build_model, build_plan, prepare_for_training
 
 log = logging.getLogger("vlmtrain")
 MAX_STEPS = 2000  # steps of the first epoch whose contents are counted (evenly spaced beyond this)
@@ -86,14 +82,7 @@ def plan_model(cfg: RunConfig) -> tuple[VLM, str]:
         log.warning("plan: %s cannot be built without weights (%s: %s); loading it on the CPU", m.path,
                     type(e).__name__, e)
         return build_model(cfg, None), f"CPU with weights (meta build failed: {type(e).__name__})"
-    # The steps of train.build.build_model after the family's own builder.
-    apply_freeze(model, cfg.train, also_frozen=m.lora_parts if m.lora else ())
-    if m.lora:
-        apply_lora(model, lora_settings(m))
-    apply_activation_checkpointing(model, cfg.train.grad_checkpointing)
-    if cfg.data.packing and cfg.data.packed_attention == "varlen":
-        enable_varlen_attention(model)
-    return model, how
+    return prepare_for_training(model, cfg), how
 
 
 def plan_data(cfg: RunConfig, model: VLM) -> TrainData:
@@ -112,12 +101,10 @@ def plan_data(cfg: RunConfig, model: VLM) -> TrainData:
 
 
 def build_world_plan(cfg: RunConfig, data: TrainData, model: VLM, world: int, cached: bool):
-    """Rank 0's step plan for ``world`` ranks (``make_plan`` as ``train.build.build_plan`` calls it);
+    """Rank 0's step plan for ``world`` ranks (``train.build.build_plan`` for rank 0 of ``world``);
     a plan that cannot be made (batch not divisible, too few packs) is a ConfigError."""
     try:
-        return make_plan(cfg.data, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, 0,
-                         cached, one_row=uses_varlen(model),
-                         cache_dir=default_index_root(cfg.data.index_dir) / "plans")
+        return build_plan(cfg, data, model, cached, world_rank=(world, 0))
     except ValueError as e:
         raise ConfigError(f"no step plan for {world} rank(s): {e}") from None
 

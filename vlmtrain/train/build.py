@@ -86,8 +86,14 @@ def build_model(cfg: RunConfig, tokenizer=None) -> VLM:
     LoRA weights (not through full-rank embeddings and norms as well); other parts follow the
     ``train.freeze_*`` flags.
     """
+    model = build_family_model(cfg.model, cfg.data.image_size, cfg.data.num_history + 1, tokenizer)
+    return prepare_for_training(model, cfg)
+
+
+def prepare_for_training(model: VLM, cfg: RunConfig) -> VLM:
+    """What ``build_model`` does after the family's builder (also to a weightless model, ``vlmtrain
+    plan``): freezing, LoRA, activation checkpointing and per-document attention."""
     m = cfg.model
-    model = build_family_model(m, cfg.data.image_size, cfg.data.num_history + 1, tokenizer)
     apply_freeze(model, cfg.train, also_frozen=m.lora_parts if m.lora else ())
     if m.lora:
         log.info("LoRA: %s", format_trainable(apply_lora(model, lora_settings(m))))
@@ -144,12 +150,14 @@ def build_val_data(cfg: RunConfig, model: VLM) -> Optional[TrainData]:
     return load_data(vcfg, model, cfg.seed, indexes, ErrorPolicy(d.on_error), split=split)
 
 
-def build_plan(cfg: RunConfig, data: TrainData, model: VLM, cached: bool, packing: Optional[bool] = None):
+def build_plan(cfg: RunConfig, data: TrainData, model: VLM, cached: bool, packing: Optional[bool] = None,
+               world_rank: Optional[tuple[int, int]] = None):
     """This rank's step plan (``data/sampler.py``); ``packing`` overrides ``data.packing`` (the naive
-    baseline of ``vlmtrain bench``). ``cached``: features come from a cache. A packed plan's first
+    baseline of ``vlmtrain bench``). ``cached``: features come from a cache. ``world_rank``: plan as
+    that rank of that many (``vlmtrain plan``) instead of this process's. A packed plan's first
     epoch is kept next to the sample indexes (``plans/``), so a warm start reads it instead of
     planning it again."""
-    rank, world = rank_and_world()
+    world, rank = world_rank if world_rank is not None else rank_and_world()[::-1]
     dcfg = cfg.data if packing is None else dataclasses.replace(cfg.data, packing=packing)
     return make_plan(dcfg, cfg.train, data.samples, model.vision_patches_per_frame(), cfg.seed, world, rank,
                      cached, one_row=uses_varlen(model), cache_dir=default_index_root(dcfg.index_dir) / "plans")
