@@ -115,7 +115,8 @@ def _compare(args: argparse.Namespace) -> int:
     from vlmtrain.tools.compare import compare
     from vlmtrain.tools.compare_render import format_html, format_markdown
 
-    result = compare(args.inputs, gpus=args.gpus, s_per_it=args.s_per_it)
+    result = compare(args.inputs, gpus=args.gpus, s_per_it=args.s_per_it, plan=not args.no_plan, gpu=args.gpu,
+                     mfu=args.mfu)
     if args.html:
         Path(args.html).write_text(format_html(result, show_all=args.all))
     if args.json:
@@ -245,13 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=_export)
 
     k = sub.add_parser(
-        "compare", help="compare configs and runs side by side (settings, batch sizes, time, measured speed)",
+        "compare", help="compare configs and runs side by side (settings, batch sizes, planned and measured time)",
         description=(
-        "Compare YAML configs and/or run directories written by `vlmtrain train`, one column each, without "
-        "building a model. Prints Markdown: the settings that differ, grouped (model, LoRA, data, loader, batch, "
+        "Compare YAML configs and/or run directories written by `vlmtrain train`, one column each. Prints Markdown: the settings that differ, grouped (model, LoRA, data, loader, batch, "
         "optimizer, training, parallel, memory, other; --all: every setting); derived quantities (ranks, "
         "per-device micro-batch = train.batch_size / (ranks x grad_accum), global batch, steps, warmup steps, "
-        "total time = steps x s/it); for run directories what they measured (s/it, samples/s, tokens/s, TGS, "
+        "total time = steps x s/it; for each config column what `vlmtrain plan` predicts, from its data's sample "
+        "indexes and its model built without weights: samples and steps per epoch, trainable parameters, s/it and "
+        "total time at a MFU, memory per rank, with the plan's assumptions; --no-plan skips it); for run directories what they measured (s/it, samples/s, tokens/s, TGS, "
         "MFU and peak memory when logged, loss at equal samples seen, best validation metric, wall time); and "
         "'Not comparable:' warnings for a different model, data sources, global batch, precision, history "
         "frames or image size (exit status still 0)."))
@@ -262,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "for none, e.g. 3.5,), e.g. read off a real run's log; "
                                                            "gives the total time (run directories: their mean "
                                                            "time/step_s when empty)")
+    k.add_argument("--no-plan", action="store_true", help="do not run `vlmtrain plan` on the config columns (by "
+                                                          "default each is planned for its predicted s/it, total "
+                                                          "time and memory per rank; one whose model or data is "
+                                                          "not here says why)")
+    k.add_argument("--gpu", default="h100", help="GPU kind the config columns are planned for (as `plan --gpu`; "
+                                                 "default h100)")
+    k.add_argument("--mfu", type=float, help="MFU of the planned time (as `plan --mfu`; default: a matching bench "
+                                             "result, else 0.35, assumed)")
     k.add_argument("--all", action="store_true", help="list every setting, the equal ones too")
     k.add_argument("--html", metavar="OUT", help="also write the tables as one self-contained HTML page")
     k.add_argument("--json", action="store_true", help="print the comparison as JSON instead of Markdown")

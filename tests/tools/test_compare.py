@@ -46,6 +46,9 @@ def test_v2_vs_v3_acceptance(capsys):
     # 11,620 x 3.5 s = 40,670 s = 11.30 h; 20,402 x 6.11 s = 124,656.22 s = 34.63 h
     assert "| total time (steps x s/it) | 11.3 h (40,670 s) | 34.6 h (124,656 s) |" in derived
     assert "trainable share" not in derived  # LoRA on an HF model: unknown without building it
+    why = "FileNotFoundError: model.path=models/Qwen2.5-VL-3B-Instruct: not a directory"
+    plan_row = next(line for line in derived.splitlines() if line.startswith("| plan |"))
+    assert plan_row.count(f"— ({why}") == 2  # the plan cannot run here, and says why, in both columns
 
     differ = _section(out, "## Settings that differ", "## Derived")
     rows = [line for line in differ.splitlines() if line.startswith("|")]
@@ -269,6 +272,8 @@ def test_html_page_has_the_same_numbers(capsys, two_runs, tmp_path):
     ("not a number", [V2, V3, "--s-per-it", "3.5,fast"], "'fast' is not a number of seconds"),
     ("one column", [V2], "compare needs at least two configs or run directories, got 1"),
     ("no GPUs", [V2, V3, "--gpus", "0"], "--gpus 0: must be > 0"),
+    ("unknown GPU kind", [V2, V3, "--gpu", "v100"], "--gpu v100: unknown; choose from h100"),
+    ("MFU above 1", [V2, V3, "--mfu", "1.5"], "--mfu 1.5: must be in (0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, case, args, says):
     (tmp_path / "broken.yaml").write_text("train: [steps: 10\n")
@@ -287,7 +292,8 @@ def test_help_names_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = capsys.readouterr().out
-    for option in ("--gpus", "--s-per-it", "--all", "--html", "--json", "Not comparable"):
+    for option in ("--gpus", "--s-per-it", "--no-plan", "--gpu", "--mfu", "--all", "--html", "--json",
+                   "Not comparable"):
         assert option in text
 
 
@@ -299,3 +305,61 @@ def test_docs_example_is_the_real_output(capsys, monkeypatch):
     section = doc[doc.index("## vlmtrain compare"):]
     block = section[section.index("```markdown\n") + len("```markdown\n"):]
     assert block[:block.index("```\n")] == out
+
+
+# ---- config columns planned: what `vlmtrain plan` predicts -------------------------------------------
+
+
+def test_config_columns_show_the_plans_prediction(capsys, tiny_cfg, tmp_path, qwen_lora_cfg, gridnav_root):
+    """A composed and a Qwen2.5-VL LoRA config on real (tiny) data are planned; each predicted row is
+    the number `vlmtrain plan --json` prints for that config alone, the trainable share is counted on
+    the model training builds, and a config whose data is missing says why in its column."""
+    from vlmtrain.config import save_config
+    from vlmtrain.models.tiny_qwen import save_tiny_qwen_vl
+    from vlmtrain.train.build import build_model_and_data
+
+    tiny_cfg.features.cache = "off"
+    qwen = qwen_lora_cfg(save_tiny_qwen_vl(tmp_path / "qwen", family="qwen2_5_vl", seed=0), gridnav_root,
+                         tmp_path / "qwen_run")
+    qwen.train.steps = 7
+    qwen.features.cache = "off"
+    missing = qwen_lora_cfg(tmp_path / "qwen", tmp_path / "no_such_data", tmp_path / "missing_run")
+    paths = []
+    for name, cfg in (("composed", tiny_cfg), ("qwen", qwen), ("missing", missing)):
+        save_config(cfg, tmp_path / f"{name}.yaml")
+        paths.append(str(tmp_path / f"{name}.yaml"))
+    capsys.readouterr()
+    assert main(["compare", *paths, "--json", "--mfu", "0.4", "--gpu", "h200"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    derived = {r["name"]: r for r in result["derived"]}
+
+    plans = []
+    for path in paths[:2]:
+        assert main(["plan", "--config", path, "--json", "--mfu", "0.4", "--gpu", "h200"]) == 0
+        plans.append(json.loads(capsys.readouterr().out))
+    for i, plan in enumerate(plans):
+        assert derived["predicted s/it (plan)"]["values"][i] == plan["compute"]["step_s"]
+        assert derived["predicted total time (plan)"]["values"][i] == plan["compute"]["total_s"]
+        assert derived["steps per epoch (plan)"]["values"][i] == plan["batch"]["steps_per_epoch"]
+        configured = next(m for m in plan["memory"].values() if m["configured"])
+        assert derived["memory per rank (plan)"]["values"][i] == configured["total"]
+        assert "at MFU 0.4 on h200" in derived["predicted s/it (plan)"]["text"][i]
+    assert derived["steps (plan)"]["values"][:2] == [tiny_cfg.train.steps, 7]
+    assert derived["predicted s/it (plan)"]["values"][2] is None
+
+    for i, cfg in enumerate((tiny_cfg, qwen)):
+        model, data = build_model_and_data(cfg, Path(cfg.output_dir))
+        assert derived["samples per epoch (plan)"]["values"][i] == len(data.samples)
+        params = list(model.parameters())
+        share = sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
+        assert derived["trainable parameters (plan)"]["values"][i] == pytest.approx(share)
+    assert derived["trainable parameters (plan)"]["values"][0] == 1.0
+    assert 0 < derived["trainable parameters (plan)"]["values"][1] < 0.5  # LoRA: a small share trains
+
+    assert derived["plan"]["text"][:2] == ["planned", "planned"]
+    assert derived["plan"]["text"][2] == f"— (FileNotFoundError: data path {tmp_path / 'no_such_data'} does not exist)"
+    assert any(n.startswith("composed: MFU 0.4 (--mfu)") for n in result["plan_notes"])
+
+    capsys.readouterr()
+    assert main(["compare", *paths[:2], "--no-plan"]) == 0
+    assert "(plan)" not in capsys.readouterr().out

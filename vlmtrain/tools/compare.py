@@ -1,10 +1,11 @@
-"""``vlmtrain compare``: configs and runs side by side, without building a model.
+"""``vlmtrain compare``: configs and runs side by side, with what `vlmtrain plan` predicts for configs.
 
 Each column is a YAML config or a run directory written by ``vlmtrain train`` (``config.yaml``,
 ``summary.json``, ``metrics.jsonl``). A :class:`Comparison` holds the settings (grouped, each marked
 whether it differs), quantities derived from them (per-device micro-batch, global batch, warmup,
-total time at a given s/it), what runs measured (s/it, throughput, memory, the loss at equal samples
-seen, the best validation metric) and the reasons two columns are not comparable.
+total time at a given s/it, and for configs what ``vlmtrain plan`` predicts: ``compare_plan.py``),
+what runs measured (s/it, throughput, memory, the loss at equal samples seen, the best validation
+metric) and the reasons two columns are not comparable.
 ``tools/compare_render.py`` writes it as Markdown or HTML; :meth:`Comparison.to_json` as JSON.
 """
 
@@ -21,6 +22,7 @@ from vlmtrain.errors import UsageError
 from vlmtrain.tools.compare_checks import not_comparable, sources_text
 from vlmtrain.tools.compare_inputs import Column, load_column, parse_s_per_it
 from vlmtrain.tools.compare_measured import Row, fmt_hours, fmt_num, measured_rows, row as _row
+from vlmtrain.tools.compare_plan import PlanOutcome, plan_columns, plan_rows
 
 __all__ = ["ABSENT", "Column", "Comparison", "Row", "Setting", "compare", "load_column", "parse_s_per_it",
            "setting_group"]
@@ -56,6 +58,7 @@ class Comparison:
     derived: list[Row]
     measured: list[Row]
     not_comparable: list[str]
+    plan_notes: list[str] = dataclasses.field(default_factory=list)  # "LABEL: assumption" of each plan
 
     def to_json(self) -> dict:
         """The comparison as plain JSON values (raw numbers, not printed text)."""
@@ -65,7 +68,7 @@ class Comparison:
                 "settings": [{"group": s.group, "key": s.key, "values": s.values, "differs": s.differs}
                              for s in self.settings],
                 "derived": rows(self.derived), "measured": rows(self.measured),
-                "not_comparable": self.not_comparable}
+                "not_comparable": self.not_comparable, "plan_notes": self.plan_notes}
 
 
 def setting_group(key: str) -> str:
@@ -161,10 +164,22 @@ def _derived(columns: list[Column]) -> list[Row]:
     return rows
 
 
-def compare(paths: list[str | Path], gpus: int = 1, s_per_it: Optional[str] = None) -> Comparison:
+def _plan_notes(columns: list[Column], plans: list[PlanOutcome]) -> list[str]:
+    notes = []
+    for c, p in zip(columns, plans):
+        if p.report:
+            notes += [f"{c.label}: MFU {p.report['compute']['mfu']:g} ({p.report['compute']['mfu_source']})"]
+            notes += [f"{c.label}: {a}" for a in p.report["assumptions"]]
+    return notes
+
+
+def compare(paths: list[str | Path], gpus: int = 1, s_per_it: Optional[str] = None, plan: bool = True,
+            gpu: str = "h100", mfu: Optional[float] = None) -> Comparison:
     """Compare configs and run directories; ``gpus``: ranks of the config columns; ``s_per_it``: the
-    ``--s-per-it`` text (one value per column). Raises UsageError, FileNotFoundError or ConfigError
-    for a bad input."""
+    ``--s-per-it`` text (one value per column); ``plan``: also run ``vlmtrain plan`` on each config
+    column (on ``gpus`` GPUs of kind ``gpu`` at ``mfu``) for its predicted time and memory; a config
+    whose model or data is absent says why instead. Raises UsageError, FileNotFoundError or
+    ConfigError for a bad input."""
     if len(paths) < 2:
         raise UsageError(f"compare needs at least two configs or run directories, got {len(paths)}")
     if gpus <= 0:
@@ -175,5 +190,6 @@ def compare(paths: list[str | Path], gpus: int = 1, s_per_it: Optional[str] = No
     for c in columns:
         if labels.count(c.label) > 1:  # two runs named "run" in different folders: show the paths
             c.label = c.path
-    return Comparison(columns, _settings(columns), _derived(columns), measured_rows(columns),
-                      not_comparable(columns))
+    plans = plan_columns(columns, gpu, mfu) if plan else []
+    return Comparison(columns, _settings(columns), _derived(columns) + plan_rows(plans), measured_rows(columns),
+                      not_comparable(columns), _plan_notes(columns, plans))

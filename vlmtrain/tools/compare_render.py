@@ -75,6 +75,8 @@ def format_markdown(cmp: Comparison, show_all: bool = False) -> str:
     else:
         out.append("None: every setting is equal (`--all` lists them).")
     out += ["", "## Derived", ""] + _md_rows("quantity", cmp, cmp.derived)
+    if cmp.plan_notes:
+        out += ["", "Plan assumptions:"] + [f"- {line}" for line in cmp.plan_notes]
     if cmp.measured:
         out += ["", "## Measured (run directories)", ""] + _md_rows("measured", cmp, cmp.measured)
     if cmp.not_comparable:
@@ -134,4 +136,6 @@ def format_html(cmp: Comparison, show_all: bool = False) -> str:
                                                                      cmp.measured)):
         if table:
             out += [f"<h2>{_h(title)}</h2>"] + _html_table([head] + labels, [("", [r.name] + r.text) for r in table])
+        if title == "Derived" and cmp.plan_notes:
+            out += ["<p>Plan assumptions:</p>", "<ul>"] + [f"<li>{_h(line)}</li>" for line in cmp.plan_notes] + ["</ul>"]
     return "\n".join(out + ["</body>", "</html>"]) + "\n"

@@ -65,7 +65,8 @@ class _Source:
     split: bool
 
 
-def _check(gpus: int, nodes: int, gpu: str, mfu: Optional[float]) -> None:
+def check_plan_args(gpus: int, nodes: int, gpu: str, mfu: Optional[float]) -> None:
+    """Raise ConfigError for a rank count below 1, an unknown GPU kind or a MFU outside (0, 1]."""
     if gpus < 1 or nodes < 1:
         raise ConfigError(f"--gpus {gpus} --nodes {nodes}: both must be >= 1")
     if gpu not in GPUS:
@@ -166,7 +167,7 @@ def _activations(model, micro: list, cfg: RunConfig, backend: str, parts: tuple[
 def build_plan_report(cfg: RunConfig, gpus: int = 1, nodes: int = 1, gpu: str = "h100",
                       mfu: Optional[float] = None) -> dict:
     """The plan of ``cfg`` on ``nodes`` x ``gpus`` GPUs of kind ``gpu`` (see the module docstring)."""
-    _check(gpus, nodes, gpu, mfu)
+    check_plan_args(gpus, nodes, gpu, mfu)
     world = gpus * nodes
     assumptions: list[str] = []
     model, how = plan_model(cfg)
