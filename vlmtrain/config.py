@@ -108,6 +108,11 @@ class ModelConfig:
     max_position: int = 1024  # LM maximum position
     frame_age_embedding: bool = True  # add a learned embedding of each frame's slot (oldest..current)
     history_tokens: int = 0  # pool each history frame to this many tokens, a square (0: no pooling)
+    spatial_encoder: str = ""  # local HF vision backbone (DINOv2-style AutoModel) run frozen on every frame and fused into its visual tokens, JanusVLN style ("": none; models/spatial.py)
+    spatial_projector: str = "mlp"  # linear | mlp: the trainable projector of the spatial features into the LM width
+    spatial_weight: float = 0.2  # fusion: visual tokens + spatial_weight x projected spatial features (JanusVLN: 0.2)
+    spatial_fusion: str = "add"  # add (concat is not supported: every merger's input width is fixed by its weights)
+    spatial_image_size: int = 0  # longest side of the spatial encoder's input, rounded to its patch size (0: its config's image_size)
 
 
 @dataclass
@@ -118,6 +123,7 @@ class OptimConfig:
     lr_vision: Optional[float] = None  # vision encoder learning rate (None: lr)
     lr_projector: Optional[float] = None  # projector learning rate (None: lr)
     lr_llm: Optional[float] = None  # language model learning rate (None: lr)
+    lr_spatial: Optional[float] = None  # spatial projector learning rate (None: lr; model.spatial_encoder)
     weight_decay: float = 0.01  # decoupled weight decay on matrices (not on norms, biases, embeddings)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -250,6 +256,8 @@ def _validate(cfg: RunConfig) -> None:
         "tracking.wandb_mode": (cfg.tracking.wandb_mode, {"offline", "online", "disabled"}),
         "train.on_nonfinite": (cfg.train.on_nonfinite, {"skip", "stop"}),
         "train.best_mode": (cfg.train.best_mode, {"auto", "min", "max"}),
+        "model.spatial_projector": (cfg.model.spatial_projector, {"linear", "mlp"}),
+        "model.spatial_fusion": (cfg.model.spatial_fusion, {"add"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -263,6 +271,8 @@ def _validate(cfg: RunConfig) -> None:
         unknown = sorted(set(parts) - set(MODEL_PARTS))
         if unknown:
             raise ConfigError(f"{key}={list(parts)}: unknown part(s) {unknown}; expected some of {list(MODEL_PARTS)}")
+    if cfg.model.spatial_image_size < 0:
+        raise ConfigError(f"model.spatial_image_size={cfg.model.spatial_image_size}: must be >= 0")
     if cfg.model.family == "composed":
         _validate_composed(cfg)
     else:

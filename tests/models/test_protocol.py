@@ -49,7 +49,7 @@ def test_the_protocol_lists_the_whole_surface():
         "prepare_frames", "tokens_per_frame", "vision_patches_per_frame", "encode_conversation",
         "encode_images", "encode_vision", "project", "embed", "position_ids", "packed_position_ids",
         "forward_lm", "output_embeddings", "part_of", "unreachable_trainable", "feature_producers",
-        "feature_preprocess", "transformer_shapes", "save_final"])
+        "feature_preprocess", "transformer_shapes", "save_final", "visual_grid"])
 
 
 def test_members_and_signatures_match_the_protocol(model):
@@ -86,6 +86,8 @@ def test_the_same_calls_give_the_same_kind_of_results(model):
     feats = model.encode_images(frames)
     k = model.tokens_per_frame(0)
     assert feats.ndim == 3 and feats.shape[:2] == (2, k)
+    rows, cols = model.visual_grid()
+    assert rows * cols == k and rows > 0 and cols > 0
     assert 0 < model.tokens_per_frame(1) <= k and model.vision_patches_per_frame() >= k
 
     enc = model.encode_conversation(CONVERSATION)

@@ -48,6 +48,8 @@ class Batch:
     prepared: bool = False  # the fields below are set
     frames: Optional[FrameBatch] = None  # the model's encoder input of the frames the step encodes
     cached: Optional[Any] = None  # features/source.py CacheLookup: which frames the feature cache holds
+    spatial_frames: Optional[torch.Tensor] = None  # a spatial branch's encoder input of the frames it encodes
+    spatial_cached: Optional[Any] = None  # CacheLookup of the spatial branch's cache
     lm_positions: Optional[torch.Tensor] = None  # the model's own positions (Qwen MRoPE (3, B, L)); None: position_ids
 
     @property

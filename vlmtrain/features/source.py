@@ -26,6 +26,7 @@ ranks would. Encoding zero frames instead would crash some towers (SigLIP's patc
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from vlmtrain.features.cache import FeatureCache, cache_enabled, fingerprint_mod
 from vlmtrain.features.fingerprint import PROJECTOR, VISION
 from vlmtrain.models.parts import trained_parts
 from vlmtrain.models.protocol import VLM, FrameBatch
+from vlmtrain.models.spatial import spatial_branch, unfused
 
 log = logging.getLogger("vlmtrain")
 
@@ -58,15 +60,28 @@ class FeatureSource:
 
     ``cache=None``: every unique frame of the step runs through ``encode_images``. ``split``: the cache
     holds vision-encoder features (``model.encode_vision``) and ``model.project`` runs every step.
+    ``spatial_cache``: the frozen spatial encoder's features of a model with a spatial branch.
     """
 
-    def __init__(self, cache: Optional[FeatureCache] = None, split: bool = False):
-        self.cache, self.split = cache, split
+    def __init__(self, cache: Optional[FeatureCache] = None, split: bool = False,
+                 spatial_cache: Optional[FeatureCache] = None):
+        self.cache, self.split, self.spatial_cache = cache, split, spatial_cache
+        self.spatial_encoded = 0  # frames the spatial encoder ran on since the last ``pop_spatial_encoded``
 
     @property
     def uses_cache(self) -> bool:
-        """Whether features are read from (and written to) a cache."""
+        """Whether the visual features are read from (and written to) a cache."""
         return self.cache is not None
+
+    @property
+    def needs_frame_keys(self) -> bool:
+        """Whether batches must carry their frames' content keys (either cache is on)."""
+        return self.cache is not None or self.spatial_cache is not None
+
+    def pop_spatial_encoded(self) -> int:
+        """Frames the spatial encoder ran on since the last call."""
+        n, self.spatial_encoded = self.spatial_encoded, 0
+        return n
 
     def settle(self, model: VLM) -> None:
         """Put the cached producers in eval mode (dropout would make stored features random); call
@@ -81,15 +96,23 @@ class FeatureSource:
         (``batch.frames``); nothing for a batch without frames (``features`` encodes a black frame)."""
         if batch.pixels.shape[0] == 0:
             return
+        if self.needs_frame_keys and batch.frame_keys is None:
+            raise ValueError("a feature cache is on but the batch has no frame keys (the loader computes "
+                             "them: StepBuilder(..., frame_keys=True))")
         todo = None
         if self.cache is not None:
-            if batch.frame_keys is None:
-                raise ValueError("a feature cache is on but the batch has no frame keys (the loader computes "
-                                 "them: StepBuilder(..., frame_keys=True))")
             hits, feats = self.cache.lookup(batch.frame_keys)
             batch.cached = CacheLookup(hits, feats)
             todo = (~hits).nonzero().flatten()
-        batch.frames = model.prepare_frames(batch.pixels if todo is None else batch.pixels[todo])
+        batch.frames = unfused(model).prepare_frames(batch.pixels if todo is None else batch.pixels[todo])
+        branch = spatial_branch(model)
+        if branch is not None:
+            todo = None
+            if self.spatial_cache is not None:
+                hits, feats = self.spatial_cache.lookup(batch.frame_keys)
+                batch.spatial_cached = CacheLookup(hits, feats)
+                todo = (~hits).nonzero().flatten()
+            batch.spatial_frames = branch.prepare(batch.pixels if todo is None else batch.pixels[todo])
 
     # -- inside the step -------------------------------------------------------------------------
     def features(self, model: VLM, batch, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -98,35 +121,63 @@ class FeatureSource:
         (module docstring); the cache is not involved. ``prepare`` must have run on the batch."""
         if batch.pixels.shape[0] == 0:
             return dummy_frame_features(model, device), 0
+        base = unfused(model)
         frames: FrameBatch = batch.frames.to(device, non_blocking=True)
         if self.cache is None:
-            return model.encode_images(frames), int(batch.pixels.shape[0])
-        found: CacheLookup = batch.cached
-        misses = (~found.hits).nonzero().flatten()
-        out = None
-        if len(misses):
-            with torch.no_grad():
-                fresh = model.encode_vision(frames) if self.split else model.encode_images(frames)
-            self.cache.put([batch.frame_keys[i] for i in misses.tolist()], fresh)
-            fresh = fresh.detach().to(self.cache.dtype).float()
-            out = fresh.new_empty((len(found.hits), *fresh.shape[1:]))
-            out[misses.to(device)] = fresh
-        hit_rows = found.hits.nonzero().flatten()
-        if len(hit_rows):
-            hit_feats = found.features.to(device, non_blocking=True)
-            if out is None:
-                out = hit_feats.new_empty((len(found.hits), *hit_feats.shape[1:]))
-            out[hit_rows.to(device)] = hit_feats
-        return (model.project(out) if self.split else out), len(misses)
+            visual, encoded = base.encode_images(frames), int(batch.pixels.shape[0])
+        else:
+            found: CacheLookup = batch.cached
+            encode = base.encode_vision if self.split else base.encode_images
+            out = _through_cache(self.cache, found, batch.frame_keys, lambda: encode(frames), device)
+            visual, encoded = (base.project(out) if self.split else out), int((~found.hits).sum())
+        branch = spatial_branch(model)
+        if branch is None:
+            return visual, encoded
+        pixels = batch.spatial_frames.to(device, non_blocking=True)
+        if self.spatial_cache is None:
+            spatial = branch.encode(pixels)
+            self.spatial_encoded += int(batch.pixels.shape[0])
+        else:
+            found = batch.spatial_cached
+            spatial = _through_cache(self.spatial_cache, found, batch.frame_keys, lambda: branch.encode(pixels), device)
+            self.spatial_encoded += int((~found.hits).sum())
+        return branch.fuse(visual, spatial), encoded
 
     def stats(self) -> dict[str, float]:
-        """The cache's counters (empty without a cache)."""
-        return self.cache.stats if self.cache is not None else {}
+        """The cache's counters (empty without a cache), the spatial cache's as ``spatial_*``."""
+        out = dict(self.cache.stats) if self.cache is not None else {}
+        if self.spatial_cache is not None:
+            out.update({f"spatial_{k}": v for k, v in self.spatial_cache.stats.items()})
+        return out
 
     def close(self) -> None:
-        """Flush and close the cache."""
-        if self.cache is not None:
-            self.cache.close()
+        """Flush and close the caches."""
+        for cache in (self.cache, self.spatial_cache):
+            if cache is not None:
+                cache.close()
+
+
+def _through_cache(cache: FeatureCache, found: CacheLookup, keys: list[str], encode, device: torch.device
+                   ) -> torch.Tensor:
+    """Features of every looked-up frame: the hits from ``found``, the misses from ``encode()`` (run on
+    the misses' encoder inputs, without gradients), stored in ``cache`` and rounded through its dtype
+    as stored ones are (module docstring)."""
+    misses = (~found.hits).nonzero().flatten()
+    out = None
+    if len(misses):
+        with torch.no_grad():
+            fresh = encode()
+        cache.put([keys[i] for i in misses.tolist()], fresh)
+        fresh = fresh.detach().to(cache.dtype).float()
+        out = fresh.new_empty((len(found.hits), *fresh.shape[1:]))
+        out[misses.to(device)] = fresh
+    hit_rows = found.hits.nonzero().flatten()
+    if len(hit_rows):
+        hit_feats = found.features.to(device, non_blocking=True)
+        if out is None:
+            out = hit_feats.new_empty((len(found.hits), *hit_feats.shape[1:]))
+        out[hit_rows.to(device)] = hit_feats
+    return out
 
 
 def dummy_frame_features(model: VLM, device: torch.device) -> torch.Tensor:
@@ -154,10 +205,17 @@ def cache_decision(model: VLM) -> tuple[bool, bool, str]:
 def cache_bytes_per_frame(model: VLM, split: bool, store_bytes: int = 2) -> int:
     """Bytes one frame's cached features take (K x D entries of a black frame's features at 2 bytes)."""
     h, w = model.frame_size
+    base = unfused(model)
     with torch.no_grad():
-        frames = model.prepare_frames(torch.zeros(1, 3, h, w, dtype=torch.uint8))
-        feats = model.encode_vision(frames) if split else model.encode_images(frames)
+        frames = base.prepare_frames(torch.zeros(1, 3, h, w, dtype=torch.uint8))
+        feats = base.encode_vision(frames) if split else base.encode_images(frames)
     return int(feats[0].numel()) * store_bytes
+
+
+def spatial_bytes_per_frame(model: VLM, store_bytes: int = 2) -> int:
+    """Bytes one frame's cached spatial features take (visual tokens x spatial width), 0 without a branch."""
+    branch = spatial_branch(model)
+    return math.prod(branch.grid) * branch.feature_dim * store_bytes if branch is not None else 0
 
 
 def _free_bytes(root: Path) -> int:
@@ -167,12 +225,14 @@ def _free_bytes(root: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def cache_size_problem(fcfg, model: VLM, split: bool, root: Path, frames: int) -> Optional[str]:
+def cache_size_problem(fcfg, model: VLM, split: bool, root: Path, frames: int,
+                       per_frame: Optional[int] = None) -> Optional[str]:
     """Why a cache of ``frames`` frames must not be filled (over ``features.max_gib`` or 90 % of the free
-    disk space at ``root``), or None. Frames already cached are counted too: an upper bound."""
+    disk space at ``root``), or None. Frames already cached are counted too: an upper bound.
+    ``per_frame``: bytes per frame (default: the visual features', ``cache_bytes_per_frame``)."""
     if frames <= 0:
         return None
-    need = frames * cache_bytes_per_frame(model, split)
+    need = frames * (per_frame if per_frame is not None else cache_bytes_per_frame(model, split))
     free = _free_bytes(root)
     limit = min(fcfg.max_gib * 2 ** 30, 0.9 * free)
     if need <= limit:
@@ -187,7 +247,8 @@ def open_feature_source(fcfg, model: VLM, output_dir: str | Path, frames: int = 
     ``off``: no cache. ``auto``: a cache when the producers are frozen and the ``frames`` distinct frames
     of the run fit the size limit (``cache_size_problem``), else a log line saying why not. ``on``: as
     auto, but either reason is an error. A cache directory built by other weights or preprocessing is
-    refused (``CacheMismatchError``) in both modes.
+    refused (``CacheMismatchError``) in both modes. A model with a spatial branch also gets the
+    branch's cache (``ROOT/spatial``; its encoder is always frozen, so only the size limit keeps it off).
     """
     if fcfg.cache == "off":
         return FeatureSource()
@@ -197,13 +258,32 @@ def open_feature_source(fcfg, model: VLM, output_dir: str | Path, frames: int = 
         too_big = cache_size_problem(fcfg, model, split, root, frames)
         if too_big is not None:
             ok, reason = False, f"feature cache off: {too_big}"
+    spatial = _spatial_cache(fcfg, model, root / SPATIAL_CACHE_DIR, frames)
     if not ok:
         if fcfg.cache == "on":
             raise FeatureCacheUnavailable(f"features.cache=on, but {reason}")
         log.info(reason)
-        return FeatureSource()
+        return FeatureSource(spatial_cache=spatial)
     producers = model.feature_producers(split)
     preprocess = dict(model.feature_preprocess(), producer="vision" if split else "vision+projector")
     cache = FeatureCache(root, fingerprint_modules(*producers), preprocess, dtype=fcfg.dtype)
     log.info("%s; %s features in %s (%d entries)", reason, preprocess["producer"], root, cache.stats["entries"])
-    return FeatureSource(cache, split)
+    return FeatureSource(cache, split, spatial_cache=spatial)
+
+
+SPATIAL_CACHE_DIR = "spatial"  # the spatial branch's cache, under the feature cache root
+
+
+def _spatial_cache(fcfg, model: VLM, root: Path, frames: int) -> Optional[FeatureCache]:
+    branch = spatial_branch(model)
+    if branch is None:
+        return None
+    too_big = cache_size_problem(fcfg, model, False, root, frames, per_frame=spatial_bytes_per_frame(model))
+    if too_big is not None:
+        if fcfg.cache == "on":
+            raise FeatureCacheUnavailable(f"features.cache=on, but the spatial {too_big}")
+        log.info("spatial feature cache off: %s", too_big)
+        return None
+    cache = FeatureCache(root, fingerprint_modules(branch.encoder), branch.identity(), dtype=fcfg.dtype)
+    log.info("spatial encoder features in %s (%d entries)", root, cache.stats["entries"])
+    return cache

@@ -181,6 +181,25 @@ def tgs(samples_per_s: float, mean_seq_len: float, num_gpus: int) -> float:
 
 
 @dataclass(frozen=True)
+class SpatialFlops:
+    """A spatial branch (``models/spatial.py``): its frozen encoder's shape and patches per frame, and
+    its trainable projector's weights and tokens per frame."""
+
+    encoder: TransformerShape
+    patches_per_frame: int
+    projector_params: int
+    tokens_per_frame: int
+
+    def step(self, unique_frames: int, spatial_encoded: int) -> int:
+        """The encoder forward (frozen: 2N per patch, attention once) on the frames it ran on (0 when
+        the spatial cache held them), the projector trained (6N per token) on every unique frame."""
+        p = self.patches_per_frame
+        encoder = (DENSE_MULTIPLIER["frozen"] * self.encoder.body_params() * p * spatial_encoded
+                   + ATTENTION_MULTIPLIER["frozen"] * self.encoder.attention_flops([p] * spatial_encoded, causal=False))
+        return encoder + DENSE_MULTIPLIER["trained"] * self.projector_params * self.tokens_per_frame * unique_frames
+
+
+@dataclass(frozen=True)
 class ModelFlops:
     """Per-step training FLOPs of one model as configured to train (shapes and part modes fixed).
 
@@ -197,17 +216,21 @@ class ModelFlops:
     modes: Mapping[str, str]
     cached: bool = False
     split: bool = False
+    spatial: Optional[SpatialFlops] = None
 
-    def step(self, doc_lengths: Sequence[int], unique_frames: int, frames_encoded: int, label_tokens: int) -> int:
+    def step(self, doc_lengths: Sequence[int], unique_frames: int, frames_encoded: int, label_tokens: int,
+             spatial_encoded: int = 0) -> int:
         """Training FLOPs of one step: documents' real lengths, unique frames, frames the tower ran on
-        and labelled positions (the LM head runs only there, ``models/loss.py``)."""
+        and labelled positions (the LM head runs only there, ``models/loss.py``), and the frames a
+        spatial branch's encoder ran on."""
         vision_mode = "frozen" if self.cached else self.modes["vision"]
         parts = step_flops(self.lm, self.vision, 0, doc_lengths, self.patches_per_frame, frames_encoded,
                            self.modes["lm"], vision_mode, "frozen", label_tokens)
         proj_frames = unique_frames if (self.split or not self.cached) else frames_encoded
         proj_mode = self.modes["projector"] if (self.split or not self.cached) else "frozen"
         projector = DENSE_MULTIPLIER[proj_mode] * self.projector_params * self.tokens_per_frame * proj_frames
-        return parts["total"] + projector
+        spatial = self.spatial.step(unique_frames, spatial_encoded) if self.spatial is not None else 0
+        return parts["total"] + projector + spatial
 
 
 def model_flops(model: nn.Module, trained: set, lora: set, cached: bool = False, split: bool = False) -> ModelFlops:
@@ -220,4 +243,18 @@ def model_flops(model: nn.Module, trained: set, lora: set, cached: bool = False,
     modes = part_modes("vision" in trained or "vision" in lora, "projector" in trained or "projector" in lora,
                        "llm" in trained, vision_cached=False, lm_lora="llm" in lora)
     return ModelFlops(lm_shape, vision_shape, projector,
-                      model.vision_patches_per_frame(), model.tokens_per_frame(0), modes, cached, split)
+                      model.vision_patches_per_frame(), model.tokens_per_frame(0), modes, cached, split,
+                      spatial_flops(model))
+
+
+def spatial_flops(model: nn.Module) -> Optional[SpatialFlops]:
+    """:class:`SpatialFlops` of a model's spatial branch (None without one)."""
+    from vlmtrain.models.shapes import shape_from_hf_config
+    from vlmtrain.models.spatial import spatial_branch
+
+    branch = spatial_branch(model)
+    if branch is None:
+        return None
+    h, w = branch.input_size
+    return SpatialFlops(shape_from_hf_config(branch.encoder.config), (h // branch.patch) * (w // branch.patch),
+                        count_linear_params(branch.projector), branch.grid[0] * branch.grid[1])

@@ -8,11 +8,15 @@ from vlmtrain.data.loader import Batch
 from vlmtrain.metrics.flops import ModelFlops, mfu, tgs
 
 
-def step_counts(micro: Sequence[Batch], frames_encoded: int) -> dict[str, float]:
-    """What one step's micro-batches hold: samples, real and computed tokens, frames, cache hits."""
+def step_counts(micro: Sequence[Batch], frames_encoded: int, spatial_encoded: int = 0) -> dict[str, float]:
+    """What one step's micro-batches hold: samples, real and computed tokens, frames, cache hits (of the
+    spatial branch's cache too)."""
     hits = sum(int(b.cached.hits.sum()) for b in micro if b.cached is not None)
     looked_up = sum(len(b.cached.hits) for b in micro if b.cached is not None)
     return {
+        "spatial_encoded": spatial_encoded,
+        "spatial_hits": sum(int(b.spatial_cached.hits.sum()) for b in micro if b.spatial_cached is not None),
+        "spatial_looked_up": sum(len(b.spatial_cached.hits) for b in micro if b.spatial_cached is not None),
         "samples": sum(b.num_samples for b in micro),
         "tokens": sum(b.num_tokens for b in micro),
         "computed_tokens": sum(b.computed_tokens for b in micro),
@@ -30,7 +34,7 @@ def step_counts(micro: Sequence[Batch], frames_encoded: int) -> dict[str, float]
 
 # Window counts that add up over ranks (the balance ratios are the same on every rank and are not summed).
 SUMMED_OVER_RANKS = ("samples", "tokens", "computed_tokens", "labels", "slots", "visual", "unique", "encoded", "hits",
-                     "looked_up")
+                     "looked_up", "spatial_encoded", "spatial_hits", "spatial_looked_up")
 
 
 class StepMeter:
@@ -58,6 +62,7 @@ class StepMeter:
         self._c: dict[str, float] = {}
         self._extra: dict[str, float] = {}  # namespaced values a step returns itself (e.g. deepspeed/fwd_ms)
         self._lr = 0.0
+        self._spatial = False  # a step reported its spatial branch's encoder count
 
     def update(self, micro: Sequence[Batch], result: dict[str, float], data_s: float, step_s: float, lr: float) -> None:
         """Record one optimizer step. Keys of ``result`` with a namespace (``deepspeed/fwd_ms``) are
@@ -66,18 +71,21 @@ class StepMeter:
         for k, v in result.items():
             if "/" in k:
                 self._extra[k] = self._extra.get(k, 0.0) + float(v)
+        self._spatial = self._spatial or "spatial_encoded" in result
         nonfinite = bool(result.get("nonfinite", False))
         self._skipped += nonfinite
         self.skipped_total += nonfinite
         finite = () if nonfinite else (("loss", result["loss"]), ("grad_norm", result["grad_norm"]))
         for k, v in (*finite, ("data_s", data_s), ("step_s", step_s)):
             self._sum[k] += v
-        counts = step_counts(micro, int(result.get("frames_encoded", sum(int(b.pixels.shape[0]) for b in micro))))
+        counts = step_counts(micro, int(result.get("frames_encoded", sum(int(b.pixels.shape[0]) for b in micro))),
+                             int(result.get("spatial_encoded", 0)))
         for k, v in counts.items():
             self._c[k] = self._c.get(k, 0) + v
         if self.flops is not None:
             docs = [n for b in micro for row in b.doc_lengths for n in row]
-            self._sum["flops"] += self.flops.step(docs, counts["unique"], counts["encoded"], counts["labels"])
+            self._sum["flops"] += self.flops.step(docs, counts["unique"], counts["encoded"], counts["labels"],
+                                                  counts["spatial_encoded"])
         self._lr = lr
         self._totals["wall_s"] += step_s
         self._totals["samples"] += counts["samples"]
@@ -118,6 +126,10 @@ class StepMeter:
         }
         if c.get("looked_up"):
             out["cache/hit_rate"] = round(c["hits"] / c["looked_up"], 4)
+        if self._spatial:
+            out["spatial/frames_encoded_per_sample"] = round(c.get("spatial_encoded", 0) / samples, 3)
+        if c.get("spatial_looked_up"):
+            out["spatial/cache_hit_rate"] = round(c["spatial_hits"] / c["spatial_looked_up"], 4)
         if self.flops is not None:
             per_device = s["flops"] / wall / self.world_size
             out["throughput/tflops"] = round(per_device / 1e12, 4)

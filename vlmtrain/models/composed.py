@@ -235,6 +235,11 @@ class ComposedVLM(nn.Module):
         return {"model": "composed", "image_size": int(self.vision.config.image_size), "input": "uint8",
                 "pixel_mean": PIXEL_MEAN, "pixel_std": PIXEL_STD}
 
+    def visual_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the current frame's tokens: the patch grid after the pixel shuffle, row-major."""
+        side = self.frame_size[0] // int(self.vision.config.patch_size) // self.projector.shuffle
+        return side, side
+
     def vision_patches_per_frame(self) -> int:
         """Patches the encoder runs per frame."""
         return (int(self.vision.config.image_size) // int(self.vision.config.patch_size)) ** 2

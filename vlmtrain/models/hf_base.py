@@ -27,7 +27,8 @@ from torch import nn
 from vlmtrain.models.export import export_merged
 from vlmtrain.models.loss import labelled_cross_entropy
 from vlmtrain.models.parts import part_from_name
-from vlmtrain.models.protocol import IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, Turn, take_rows
+from vlmtrain.models.protocol import (IGNORE_INDEX, IMAGE_PLACEHOLDER, Encoded, FrameBatch, Turn, square_grid,
+                                     take_rows)
 from vlmtrain.models.shapes import TransformerShape, shape_from_hf_config
 
 __all__ = ["HFVLMAdapter", "IGNORE_INDEX", "IMAGE_PLACEHOLDER", "Encoded", "FrameBatch", "Turn"]
@@ -160,6 +161,11 @@ class HFVLMAdapter(nn.Module):
         image processor's settings (part of the feature cache's identity)."""
         return {"family": self.family, "frame_size": list(self.frame_size),
                 "image_processor": json.loads(self.image_processor.to_json_string())}
+
+    def visual_grid(self) -> tuple[int, int]:
+        """(rows, cols) of a frame's visual tokens: square frames give a square row-major grid (LLaVA's
+        ``full`` strategy, with its class token, has none: ValueError). Qwen-VL overrides it."""
+        return square_grid(self.tokens_per_frame(0), self.family)
 
     def vision_patches_per_frame(self) -> int:
         """Patches the vision tower runs per frame (the vision cost unit of packing and FLOPs)."""

@@ -1,4 +1,5 @@
-"""The three parts every model is split into (vision encoder, projector, language model).
+"""The three parts every model is split into (vision encoder, projector, language model), and a fourth,
+``spatial``, for a model with a spatial branch (``models/spatial.py``).
 
 A model names the part of each of its parameters (``VLM.part_of``); freezing, per-part learning rates,
 LoRA placement, activation checkpointing, FSDP2 sharding, the feature cache and the FLOPs model all
@@ -12,6 +13,8 @@ from torch import nn
 from vlmtrain.config import MODEL_PARTS
 
 PARTS: tuple[str, ...] = MODEL_PARTS  # ("vision", "projector", "llm"): the config keys use the same names
+SPATIAL_PART = "spatial"  # a spatial branch (models/spatial.py): frozen encoder + trainable projector
+ALL_PARTS: tuple[str, ...] = PARTS + (SPATIAL_PART,)
 
 
 def is_lora_param(name: str) -> bool:
@@ -23,7 +26,7 @@ def model_parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Named parameters per part (LoRA weights in the part of the layer they adapt)."""
     parts: dict[str, list[tuple[str, nn.Parameter]]] = {p: [] for p in PARTS}
     for name, param in model.named_parameters():
-        parts[model.part_of(name)].append((name, param))
+        parts.setdefault(model.part_of(name), []).append((name, param))
     return parts
 
 

@@ -37,6 +37,14 @@ def take_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding(index, flat).reshape(index.shape[0], *table.shape[1:])
 
 
+def square_grid(tokens: int, family: str) -> tuple[int, int]:
+    """(g, g) for ``tokens`` = g * g visual tokens laid row-major on a square grid; ValueError otherwise."""
+    g = math.isqrt(tokens)
+    if g * g != tokens:
+        raise ValueError(f"{family}: {tokens} visual tokens per frame are not a square grid")
+    return g, g
+
+
 @dataclass(frozen=True)
 class Turn:
     """One conversation turn; ``text`` holds one ``<image>`` placeholder per image of the turn."""
@@ -104,6 +112,10 @@ class VLM(Protocol):
 
     def vision_patches_per_frame(self) -> int:
         """Patches the vision tower runs per frame (the vision cost unit of packing and FLOPs)."""
+
+    def visual_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the ``tokens_per_frame(0)`` visual tokens, which come row-major (a spatial
+        branch lays its features on them: ``models/spatial.py``)."""
 
     def encode_conversation(self, turns: Sequence[Turn]) -> Encoded:
         """The model's chat format, each ``<image>`` expanded to its slot's image-token sequence;

@@ -131,6 +131,11 @@ class QwenVLAdapter(HFVLMAdapter):
         h, w = self.frame_size
         return (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
 
+    def visual_grid(self) -> tuple[int, int]:
+        """(rows, cols) of a frame's merged visual tokens, which the merger emits row-major."""
+        h, w = self.frame_size
+        return h // self.patch_size // self.merge_size, w // self.patch_size // self.merge_size
+
     def _frame_grid(self) -> torch.Tensor:
         """(1, 3) grid_thw of one frame at ``frame_size``."""
         h, w = self.frame_size

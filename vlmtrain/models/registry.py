@@ -96,12 +96,23 @@ def build_model(mcfg, image_size: int, max_frame_slots: int, tokenizer=None) -> 
     return load_adapter(mcfg.family, mcfg.path, mcfg.frame_size or None)
 
 
-def load_final(directory: str | Path, mcfg) -> VLM:
-    """The model ``save_final`` wrote into ``directory`` (a run's ``model/``), in eval mode; an HF
-    model's frames are sized as in training (``model.frame_size``)."""
+def load_base_final(directory: str | Path, family: str = "auto", frame_size: Optional[int] = None) -> VLM:
+    """The model ``save_final`` wrote into ``directory`` without its spatial branch, in eval mode:
+    the composed model, or the HF checkpoint of ``family`` (``auto``: its config.json's) with frames
+    of side ``frame_size`` (None: the adapter's default)."""
     directory = Path(directory)
     if (directory / COMPOSED_META).is_file():
         return ComposedVLM.from_pretrained(directory).eval()
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: no saved model (no {COMPOSED_META} or config.json)")
-    return load_adapter(mcfg.family if mcfg.family != COMPOSED else "auto", directory, mcfg.frame_size or None).eval()
+    return load_adapter(family if family != COMPOSED else "auto", directory, frame_size or None).eval()
+
+
+def load_final(directory: str | Path, mcfg) -> VLM:
+    """The model ``save_final`` wrote into ``directory`` (a run's ``model/``), in eval mode, its
+    spatial branch included when it has one (``models/spatial.py``); an HF model's frames are sized
+    as in training (``model.frame_size``)."""
+    from vlmtrain.models.spatial import has_saved_branch, load_branch
+
+    model = load_base_final(directory, mcfg.family, mcfg.frame_size or None)
+    return load_branch(model, directory).eval() if has_saved_branch(directory) else model

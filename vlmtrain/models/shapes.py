@@ -126,5 +126,15 @@ def shape_from_hf_config(cfg: Any) -> TransformerShape:
         return TransformerShape(hidden, a["num_hidden_layers"], heads, heads, hidden // heads,
                                 a["intermediate_size"], 0, gated_mlp=_VISION_GATED[mt],
                                 patch_embed_params=channels * a["patch_size"] ** 2 * hidden)
-    known = sorted(_GATED_TEXT_TYPES | set(_VISION_GATED))
+    if mt in ("dinov2", "dinov2_with_registers"):  # spatial encoders (models/spatial.py): MLP width by ratio
+        a = _require(cfg, ["hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "patch_size"],
+                     "vision")
+        hidden, heads = a["hidden_size"], a["num_attention_heads"]
+        gated = bool(getattr(cfg, "use_swiglu_ffn", False))
+        # SwiGLU FFN in DINOv2: hidden features = int(2/3 x ratio x hidden) rounded up to a multiple of 8.
+        inter = (int(int(hidden * a["mlp_ratio"]) * 2 / 3) + 7) // 8 * 8 if gated else int(hidden * a["mlp_ratio"])
+        channels = getattr(cfg, "num_channels", None) or 3
+        return TransformerShape(hidden, a["num_hidden_layers"], heads, heads, hidden // heads, inter, 0,
+                                gated_mlp=gated, patch_embed_params=channels * a["patch_size"] ** 2 * hidden)
+    known = sorted(_GATED_TEXT_TYPES | set(_VISION_GATED) | {"dinov2", "dinov2_with_registers"})
     raise ValueError(f"no FLOPs shape rule for model_type={mt!r}; known: {known}")

@@ -35,6 +35,7 @@ from vlmtrain.models.parts import trained_parts
 from vlmtrain.models.protocol import VLM
 from vlmtrain.models.registry import build_model as build_family_model
 from vlmtrain.models.registry import build_tokenizer
+from vlmtrain.models.spatial import attach_spatial, settings_from_config
 from vlmtrain.parallel.activation_checkpointing import apply_activation_checkpointing
 from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine, deepspeed_config_from
 from vlmtrain.parallel.init import DistInfo, get_logger, is_main, main_first, on_main, rank_and_world
@@ -92,7 +93,8 @@ def build_model(cfg: RunConfig, tokenizer=None) -> VLM:
 
 def prepare_for_training(model: VLM, cfg: RunConfig) -> VLM:
     """What ``build_model`` does after the family's builder (also to a weightless model, ``vlmtrain
-    plan``): freezing, LoRA, activation checkpointing and per-document attention."""
+    plan``): freezing, LoRA, activation checkpointing and per-document attention, then the spatial
+    branch of ``model.spatial_encoder`` (``models/spatial.py``; weightless on a weightless model)."""
     m = cfg.model
     apply_freeze(model, cfg.train, also_frozen=m.lora_parts if m.lora else ())
     if m.lora:
@@ -100,7 +102,7 @@ def prepare_for_training(model: VLM, cfg: RunConfig) -> VLM:
     apply_activation_checkpointing(model, cfg.train.grad_checkpointing)
     if cfg.data.packing and cfg.data.packed_attention == "varlen":
         enable_varlen_attention(model)
-    return model
+    return attach_spatial(model, settings_from_config(m))  # last: LoRA and checkpointing stay the base's
 
 
 def _conversations(cfg: RunConfig) -> Iterator[list]:
@@ -231,7 +233,7 @@ def build_batches(cfg: RunConfig, data: TrainData, model: VLM, source: FeatureSo
     (``step.prepare_batch``) on the loader thread."""
     plan = plan if plan is not None else build_plan(cfg, data, model, source.uses_cache, packing)
     build = StepBuilder(data.samples, data.frames, data.pad_id, data.image_id, plan, dedup=dedup,
-                        frame_keys=source.uses_cache)
+                        frame_keys=source.needs_frame_keys)
     batches = BatchPrefetcher(build, start, end, workers=cfg.data.workers,
                               prepare=lambda b: prepare_batch(model, b, source),
                               prefetch_factor=cfg.data.prefetch_factor,

@@ -17,6 +17,8 @@ def apply_freeze(model: nn.Module, tcfg, also_frozen: Iterable[str] = ()) -> dic
     frozen = {"vision": tcfg.freeze_vision, "projector": tcfg.freeze_projector, "llm": tcfg.freeze_llm}
     frozen.update({part: True for part in also_frozen})
     for part, params in model_parts(model).items():
+        if part not in frozen:  # the spatial branch: its encoder is always frozen, its projector trains
+            continue
         for _, p in params:
             p.requires_grad_(not frozen[part])
     return trainable_counts(model)
@@ -29,7 +31,7 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 def build_optimizer(model: nn.Module, ocfg) -> torch.optim.AdamW:
     """AdamW over trainable parameters, one group per (part, decay) with the part's learning rate."""
-    rates = {"vision": ocfg.lr_vision, "projector": ocfg.lr_projector, "llm": ocfg.lr_llm}
+    rates = {"vision": ocfg.lr_vision, "projector": ocfg.lr_projector, "llm": ocfg.lr_llm, "spatial": ocfg.lr_spatial}
     groups = []
     for part, params in model_parts(model).items():
         lr = rates[part] if rates[part] is not None else ocfg.lr

@@ -20,6 +20,7 @@ from vlmtrain.data.loader import Batch
 from vlmtrain.features.source import FeatureSource
 from vlmtrain.models.packed_attention import packed_attention
 from vlmtrain.models.protocol import VLM
+from vlmtrain.models.spatial import spatial_branch
 from vlmtrain.parallel.deepspeed_engine import DeepSpeedEngine
 from vlmtrain.parallel.init import all_reduce_sum
 from vlmtrain.parallel.parallelize import accumulation_context
@@ -180,4 +181,6 @@ def train_step(
             optimizer.zero_grad(set_to_none=True)
     out = {"loss": loss, "grad_norm": grad_norm, "frames_encoded": encoded, "nonfinite": not finite,
            "updated": updated}
+    if spatial_branch(model) is not None:
+        out["spatial_encoded"] = source.pop_spatial_encoded()
     return {**out, **engine.timings()} if engine is not None else out
