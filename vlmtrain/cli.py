@@ -43,6 +43,13 @@ def _bench(args: argparse.Namespace) -> int:
         record = startup_bench(cfg, sizes, Path(cfg.output_dir) / "startup")
         print(json.dumps(record))
         return 0
+    if args.compare == "spatial":
+        from vlmtrain.tools.bench_spatial import compare_spatial, format_spatial
+
+        record = compare_spatial(_load(args), warmup=args.warmup, steps=args.steps or 15)
+        print(format_spatial(record))
+        print(json.dumps(record))
+        return 0
     if args.compare == "hf-trainer":
         from vlmtrain.tools.bench_compare import compare_hf_trainer, format_compare
 
@@ -180,11 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--loss-steps", type=int, help="--protocol: optimizer steps after which --loss-target is checked")
     b.add_argument("--results", default="bench_results.jsonl",
                    help="--protocol: JSON-lines file the result is appended to (default bench_results.jsonl)")
-    b.add_argument("--compare", choices=["naive", "hf-trainer"],
+    b.add_argument("--compare", choices=["naive", "hf-trainer", "spatial"],
                    help="naive: also run the same model and data padded, without de-duplication or cache; print the "
                         "ratio. hf-trainer: whole-process runs of the stock transformers.Trainer recipe and of "
                         "vlmtrain train, PAIRS interleaved pairs of EPOCHS epochs (needs vlmtrain[compare]; "
-                        "docs/benchmarks.md)")
+                        "docs/benchmarks.md). spatial: a model.spatial_encoder config without its spatial branch, "
+                        "with it uncached (cold) and with its features cached (warm); print the step times and "
+                        "their ratios")
     b.add_argument("--pairs", type=int, default=3, help="--compare hf-trainer: interleaved pairs of runs (default 3)")
     b.add_argument("--epochs", type=float, default=1.0, help="--compare hf-trainer: epochs per run (default 1)")
     b.add_argument("--heldout", help="--compare hf-trainer: LLaVA JSON of held-out samples; each final model's loss "
@@ -202,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache", help="precompute the frozen-encoder feature cache of a config's data", description=(
         "Encode every frame of the config's data with its frozen vision encoder (and projector, unless only the "
         "encoder is frozen) into the feature cache (features.cache_dir, default OUTPUT_DIR/feature_cache). "
-        "features.cache=off is taken as auto. Fails, saying why, when the encoder trains."))
+        "features.cache=off is taken as on. Fails, saying why, when the encoder trains. With model.spatial_encoder "
+        "the spatial encoder's features go into FEATURE_CACHE/spatial too (alone when the vision encoder trains)."))
     _config_args(c)
     c.set_defaults(func=_cache)
 

@@ -169,12 +169,14 @@ class FeatureCache:
             self._shard_files = {sid: name for sid, name in rows}
 
     # -- reading ---------------------------------------------------------------------------------
-    def lookup(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, keys: list[str], recount: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Which ``keys`` are cached and their features.
 
         Returns ``hits_mask`` (N,) bool and the features of the hits, in key order, as float32
         (H, K, D) on the CPU (H = hits_mask.sum(); (0, K, D), or (0, 0, 0) before any put, when none).
-        Counts every key as a hit or a miss in ``stats``.
+        Counts every key as a hit or a miss in ``stats``; ``recount``: the keys were all counted as
+        misses by an earlier lookup (a batch prepared ahead looks its misses up again when its step
+        runs), so a hit now moves from the misses to the hits and a miss is not counted again.
         """
         with self._lock:
             unique = set(keys)
@@ -187,7 +189,7 @@ class FeatureCache:
             hits = torch.zeros(len(keys), dtype=torch.bool)
             hits[hit_rows] = True
             self._hits += len(hit_rows)
-            self._misses += len(keys) - len(hit_rows)
+            self._misses += -len(hit_rows) if recount else len(keys) - len(hit_rows)
             if hit_rows:
                 return hits, self._gather([found[keys[i]] for i in hit_rows]).float()
             shape = self._meta["feature_shape"] or [0, 0]

@@ -128,8 +128,10 @@ class FeatureSource:
         else:
             found: CacheLookup = batch.cached
             encode = base.encode_vision if self.split else base.encode_images
-            out = _through_cache(self.cache, found, batch.frame_keys, lambda: encode(frames), device)
-            visual, encoded = (base.project(out) if self.split else out), int((~found.hits).sum())
+            out, encoded = _through_cache(
+                self.cache, found, batch.frame_keys,
+                lambda rows: encode(frames if len(rows) == len(frames.pixels) else frames.select(rows)), device)
+            visual = base.project(out) if self.split else out
         branch = spatial_branch(model)
         if branch is None:
             return visual, encoded
@@ -139,8 +141,10 @@ class FeatureSource:
             self.spatial_encoded += int(batch.pixels.shape[0])
         else:
             found = batch.spatial_cached
-            spatial = _through_cache(self.spatial_cache, found, batch.frame_keys, lambda: branch.encode(pixels), device)
-            self.spatial_encoded += int((~found.hits).sum())
+            spatial, n = _through_cache(
+                self.spatial_cache, found, batch.frame_keys,
+                lambda rows: branch.encode(pixels if len(rows) == len(pixels) else pixels[rows]), device)
+            self.spatial_encoded += n
         return branch.fuse(visual, spatial), encoded
 
     def stats(self) -> dict[str, float]:
@@ -158,26 +162,43 @@ class FeatureSource:
 
 
 def _through_cache(cache: FeatureCache, found: CacheLookup, keys: list[str], encode, device: torch.device
-                   ) -> torch.Tensor:
-    """Features of every looked-up frame: the hits from ``found``, the misses from ``encode()`` (run on
-    the misses' encoder inputs, without gradients), stored in ``cache`` and rounded through its dtype
-    as stored ones are (module docstring)."""
+                   ) -> tuple[torch.Tensor, int]:
+    """(features of every looked-up frame, frames encoded): the hits from ``found``; the misses looked
+    up again first (the batch was prepared ahead, so an earlier step may have stored them since: they
+    become hits, in ``found`` too), the rest from ``encode(rows)`` (``rows`` index the encoder inputs,
+    which hold the misses in order; frames of equal content are encoded once), run without
+    gradients, stored in ``cache`` and rounded through its dtype as stored ones are (module docstring)."""
     misses = (~found.hits).nonzero().flatten()
-    out = None
-    if len(misses):
-        with torch.no_grad():
-            fresh = encode()
-        cache.put([keys[i] for i in misses.tolist()], fresh)
-        fresh = fresh.detach().to(cache.dtype).float()
-        out = fresh.new_empty((len(found.hits), *fresh.shape[1:]))
-        out[misses.to(device)] = fresh
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows of the batch's frames, their features)
     hit_rows = found.hits.nonzero().flatten()
     if len(hit_rows):
-        hit_feats = found.features.to(device, non_blocking=True)
-        if out is None:
-            out = hit_feats.new_empty((len(found.hits), *hit_feats.shape[1:]))
-        out[hit_rows.to(device)] = hit_feats
-    return out
+        pieces.append((hit_rows, found.features))
+    if len(misses):
+        late, late_feats = cache.lookup([keys[i] for i in misses.tolist()], recount=True)
+        if bool(late.any()):
+            pieces.append((misses[late], late_feats))
+        todo = (~late).nonzero().flatten()
+        rows = misses[todo]
+        todo_keys = [keys[i] for i in rows.tolist()]
+        first: dict[str, int] = {}
+        for j, k in enumerate(todo_keys):
+            first.setdefault(k, j)
+        encoded = len(first)
+        if len(todo):
+            with torch.no_grad():
+                fresh = encode(todo[list(first.values())])
+            cache.put(list(first), fresh)
+            fresh = fresh.detach().to(cache.dtype).float()
+            order = {k: i for i, k in enumerate(first)}
+            pieces.append((rows, fresh[[order[k] for k in todo_keys]]))
+        found.hits[misses[late]] = True
+    else:
+        encoded = 0
+    shape = pieces[0][1].shape[1:]
+    out = torch.empty((len(found.hits), *shape), dtype=torch.float32, device=device)
+    for rows, feats in pieces:
+        out[rows.to(device)] = feats.to(device, non_blocking=True)
+    return out, encoded
 
 
 def dummy_frame_features(model: VLM, device: torch.device) -> torch.Tensor:

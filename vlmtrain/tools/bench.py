@@ -49,6 +49,8 @@ METER_KEYS = {
     "vision/frames_encoded_per_sample": "frames_encoded_per_sample",
     "vision/unique_frames_per_sample": "unique_frames_per_sample", "data/images_per_sample": "images_per_sample",
     "data/tokens_per_sample": "tokens_per_sample", "cache/hit_rate": "cache_hit_rate",
+    "spatial/frames_encoded_per_sample": "spatial_frames_encoded_per_sample",
+    "spatial/cache_hit_rate": "spatial_cache_hit_rate",
     "balance/tokens_max_over_min": "rank_tokens_max_over_min", "balance/vision_max_over_min": "rank_vision_max_over_min",
     "loss/train": "loss",
 }

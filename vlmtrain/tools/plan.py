@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Optional
 
 from vlmtrain.config import ConfigError, RunConfig
-from vlmtrain.features.source import cache_decision
+from vlmtrain.features.source import cache_decision, spatial_bytes_per_frame
 from vlmtrain.metrics.flops import peak_flops
 from vlmtrain.models.parts import is_lora_param, model_parts
+from vlmtrain.models.spatial import spatial_branch
 from vlmtrain.tools import plan_memory as pm
 from vlmtrain.tools.plan_activations import activation_bytes
 from vlmtrain.tools.plan_arch import model_spec
@@ -101,8 +102,16 @@ def _feature_cache(cfg: RunConfig, model, frames: int, world: int, assumptions: 
     if ok:
         assumptions.append("feature cache warm (filled by `vlmtrain cache` or the first epoch): the cached "
                            "producers never run; the first epoch of a cold cache also encodes every frame once")
-    return {"used": ok, "split": split and ok, "reason": why, "bytes_per_frame": per_frame, "frames": frames,
-            "disk_bytes": size, "disk_bytes_all_ranks": size * world if world > 1 else size}
+    out = {"used": ok, "split": split and ok, "reason": why, "bytes_per_frame": per_frame, "frames": frames,
+           "disk_bytes": size, "disk_bytes_all_ranks": size * world if world > 1 else size}
+    if spatial_branch(model) is not None:
+        s_size = frames * spatial_bytes_per_frame(model)
+        s_used = f.cache != "off" and not (p.backend == "deepspeed" and p.deepspeed_zero_stage == 3)
+        out["spatial"] = {"used": s_used, "bytes_per_frame": spatial_bytes_per_frame(model), "disk_bytes": s_size}
+        if s_used:
+            assumptions.append("spatial feature cache warm: the spatial encoder never runs (a cold first epoch "
+                               "runs it once per distinct frame)")
+    return out
 
 
 def _bench_mfu(cfg: RunConfig, gpu: str) -> tuple[Optional[float], str]:
@@ -179,7 +188,8 @@ def build_plan_report(cfg: RunConfig, gpus: int = 1, nodes: int = 1, gpu: str = 
     flops_model = run_flops(model, _Source(cache["used"], cache["split"]))
     if flops_model is None:
         raise ConfigError(f"model.family={cfg.model.family}: no FLOPs shape rule for this architecture")
-    step_flops = [sum(flops_model.step(d, u, 0 if cache["used"] else u, lab)
+    spatial_cached = cache.get("spatial", {}).get("used", False)
+    step_flops = [sum(flops_model.step(d, u, 0 if cache["used"] else u, lab, 0 if spatial_cached else u)
                       for d, u, lab in zip(contents.docs[i], contents.unique[i], contents.labels[i]))
                   for i in range(len(contents.steps))]
     peak = peak_flops(GPUS[gpu].name, "bf16" if cfg.train.precision == "bf16" else "fp32")

@@ -89,6 +89,10 @@ def format_plan(r: dict) -> str:
                f"{gib(f['disk_bytes'])} on disk for {f['frames']} frames ({f['bytes_per_frame']} B each)"
                + (f", up to {gib(f['disk_bytes_all_ranks'])} with one cache per rank"
                   if f["disk_bytes_all_ranks"] != f["disk_bytes"] else ""))
+    if "spatial" in f:
+        sp = f["spatial"]
+        out.append(f"spatial feature cache: {'used' if sp['used'] else 'not used'}; {gib(sp['disk_bytes'])} on disk "
+                   f"({sp['bytes_per_frame']} B per frame)")
     out.append("")
     out.append("assumptions:")
     out += [f"- {a}" for a in r["assumptions"]]

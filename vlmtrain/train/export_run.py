@@ -10,6 +10,7 @@ from vlmtrain.config import load_config
 from vlmtrain.models.export import export_adapter
 from vlmtrain.models.protocol import VLM
 from vlmtrain.models.registry import build_tokenizer
+from vlmtrain.models.spatial import SPATIAL_DIR, spatial_branch, unfused
 from vlmtrain.train.build import TOKENIZER_DIR, build_model, seed_everything
 from vlmtrain.train.checkpoint import latest_checkpoint, load_model_state
 
@@ -34,7 +35,9 @@ def export_run(run_dir: str | Path, merged: Optional[str | Path] = None, adapter
                overwrite: bool = False) -> list[Path]:
     """Write the run's final model (``save_final``: for an HF family a merged HF checkpoint) to
     ``merged`` and/or its PEFT adapter (plus the fully trained modules) to ``adapter``; returns the
-    written directories."""
+    written directories. A model with a spatial branch gets ``spatial/`` (encoder reference, trained
+    projector, fusion settings) in both: ``models.spatial.load_spatial_model(merged)`` rebuilds it,
+    and ``load_branch(load_adapter_export(base, adapter), adapter)`` from the adapter."""
     if merged is None and adapter is None:
         raise ValueError("nothing to export: give a merged and/or an adapter output directory")
     model = load_trained_model(run_dir)
@@ -46,5 +49,9 @@ def export_run(run_dir: str | Path, merged: Optional[str | Path] = None, adapter
         model.save_final(merged)
         written.append(merged)
     if adapter is not None:
-        written.append(export_adapter(model, adapter, overwrite=overwrite))
+        branch = spatial_branch(model)
+        out = export_adapter(unfused(model), adapter, overwrite=overwrite)
+        if branch is not None:  # the adapter alone would rebuild a model without its spatial branch
+            branch.save(out / SPATIAL_DIR)
+        written.append(out)
     return written
