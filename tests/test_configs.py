@@ -35,6 +35,9 @@ EXAMPLES = {
     "format_internvla_n1": ("qwen2_5_vl", True, ["internvla_n1"], {"r2r_125cm_0_30": 50.0}),
     "format_streamvln": ("qwen2_5_vl", True, ["streamvln"], {"r2r": 100.0}),
     "gridnav": ("composed", False, ["lerobot_vln"], {}),
+    "janusvln_qwen2_5_vl": ("qwen2_5_vl", True, ["internvla_n1"], {"r2r_125cm_0_30": 100.0}),
+    "janusvln_qwen2_5_vl_gridnav": ("qwen2_5_vl", True, ["lerobot_vln"], {}),
+    "janusvln_qwen2_5_vl_llava_json": ("qwen2_5_vl", True, ["llava_json"], {}),
     "llava_llava_json": ("llava", True, ["llava_json"], {}),
     "mixture": ("qwen2_5_vl", True, ["lerobot_vln", "llava_json", "streamvln"],
                 {"gridnav": 50.0, "captions": 200.0, "r2r": 100.0}),
@@ -106,3 +109,39 @@ def test_example_runs_on_a_tiny_model_from_the_script(gridnav_root, tmp_path):
     assert summary["steps"] == 2
     assert json.loads((tmp_path / "tiny" / "config.json").read_text())["model_type"] == "qwen2_5_vl"
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["janusvln_qwen2_5_vl", "janusvln_qwen2_5_vl_gridnav", "janusvln_qwen2_5_vl_llava_json"])
+def test_janusvln_recipes_run_on_the_scripts_tiny_models(name, gridnav_root, tmp_path):
+    """Each JanusVLN recipe trains 2 steps on the tiny Qwen2.5-VL and the tiny DINOv2 the script
+    writes, on its own data format, and saves its spatial branch beside the final model."""
+    import sys
+
+    from vlmtrain.tools.workload import write_vln_workload
+    from vlmtrain.train.loop import train
+
+    script = _script()
+    assert script.main(["--family", "qwen2_5_vl", "--out", str(tmp_path / "qwen")]) == 0
+    assert script.main(["--family", "dinov2", "--out", str(tmp_path / "dino")]) == 0
+    overrides = [f"model.path={tmp_path / 'qwen'}", f"model.spatial_encoder={tmp_path / 'dino'}",
+                 f"output_dir={tmp_path / 'run'}", "train.steps=2", "train.batch_size=4", "train.progress=false",
+                 "train.ckpt_every=0"]
+    if name == "janusvln_qwen2_5_vl":
+        sys.path.insert(0, str(ROOT / "tests" / "data" / "formats"))
+        from test_internvla_n1 import write_scene
+
+        overrides.append(f"data.sources=[{{name: r2r_125cm_0_30, format: internvla_n1, "
+                         f"path: {write_scene(tmp_path / 'n1')}}}]")
+    elif name.endswith("gridnav"):
+        overrides += [f"data.root={gridnav_root}", "data.gridnav_episodes=0"]
+    else:
+        workload = write_vln_workload(tmp_path / "vln", episodes=2, heldout_episodes=1, size=32)
+        overrides.append(f"data.root={workload.root / 'data' / 'train.json'}")
+    cfg = load_config(RunConfig(), ROOT / "configs" / f"{name}.yaml", overrides)
+    assert cfg.data.num_history == 8 or cfg.data.format == "llava_json"
+    summary = train(cfg)
+    assert summary["steps"] == 2
+    meta = json.loads((tmp_path / "run" / "model" / "spatial" / "spatial.json").read_text())
+    assert meta["settings"]["weight"] == 0.2
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("spatial/frames_encoded_per_sample" in m for m in metrics)
