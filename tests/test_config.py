@@ -29,8 +29,17 @@ def test_unknown_yaml_key_names_file_and_hint(tmp_path):
 
 
 def test_wrong_type_is_an_error():
-    with pytest.raises(ConfigError, match="train.steps"):
+    with pytest.raises(ConfigError, match="train.steps") as e:
         load_config(RunConfig(), overrides=["train.steps=many"])
+    assert "\n" not in str(e.value)  # one line, not OmegaConf's full_key / object_type block
+
+
+def test_empty_override_empties_a_string():
+    cfg = load_config(RunConfig(), overrides=["model.spatial_encoder=/x", "model.spatial_encoder="])
+    assert cfg.model.spatial_encoder == ""
+    with pytest.raises(ConfigError, match="train.steps=") as e:
+        load_config(RunConfig(), overrides=["train.steps="])
+    assert "\n" not in str(e.value)
 
 
 def test_bad_choice_is_an_error():

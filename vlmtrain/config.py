@@ -439,9 +439,10 @@ def load_config(
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value")
-        key = item.split("=", 1)[0].strip()
+        key, value = (part.strip() for part in item.split("=", 1))
         _check_keys([key], "command line")
-        layer = OmegaConf.from_dotlist([item])
+        # ``key=`` empties a string (OmegaConf would read it as null, which no str field takes)
+        layer = OmegaConf.from_dotlist([item]) if value else OmegaConf.create(_nested(key, ""))
         _check_source_items(OmegaConf.to_container(layer), f"override '{item}'")
         layers.append((f"override '{item}'", layer))
     merged = schema
@@ -449,10 +450,21 @@ def load_config(
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {e.msg if hasattr(e, 'msg') else e}") from None
+            raise ConfigError(f"{source}: {str(e.msg if hasattr(e, 'msg') else e).splitlines()[0]}") from None
     cfg: RunConfig = OmegaConf.to_object(merged)
     _validate(cfg)
     return cfg
+
+
+def _nested(dotted: str, value) -> dict:
+    """``{"a": {"b": value}}`` for ``"a.b"``."""
+    out: dict = {}
+    node = out
+    *parents, last = dotted.split(".")
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[last] = value
+    return out
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -77,3 +77,32 @@ def test_cache_command_refuses_a_trained_encoder(tiny_cfg, tmp_path, capsys):
     assert main(["cache", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "vision part trains" in err and "train.freeze_vision=true" in err
+
+
+def test_compare_spatial_measures_without_cold_and_warm(tiny_cfg, tmp_path, capsys):
+    """``bench --compare spatial``: the recipe without its spatial branch, with it uncached (the encoder
+    on every unique frame) and warm (its cache filled first: the encoder runs 0 times), each the
+    ratio of its step time to the step without the branch."""
+    from vlmtrain.models.tiny_spatial import save_tiny_dinov2
+
+    dino = save_tiny_dinov2(tmp_path / "dino")
+    args = ["bench", "--preset", "gridnav_tiny", f"output_dir={tmp_path / 'b'}", f"data.root={tiny_cfg.data.root}",
+            "data.gridnav_episodes=0", "train.progress=false", f"model.spatial_encoder={dino}",
+            "--compare", "spatial", "--steps", "4", "--warmup", "1"]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    record = json.loads(out[-1])
+    table = out[-5:-1]
+    assert table[0].split()[:3] == ["spatial", "branch", "step"] and [t.split()[0] for t in table[1:]] == list(
+        ("without", "cold", "warm"))
+    assert "spatial_frames_encoded_per_sample" not in record["without"]
+    assert record["cold"]["spatial_frames_encoded_per_sample"] == record["cold"]["unique_frames_per_sample"] > 0
+    assert record["warm"]["spatial_frames_encoded_per_sample"] == 0
+    assert record["warm"]["spatial_cache_hit_rate"] == 1.0
+    assert record["warm"]["cache_fill"]["spatial_encoded"] > 0
+    for mode in ("cold", "warm"):
+        assert record[f"{mode}_over_without"] == round(record[mode]["step_s"] / record["without"]["step_s"], 3)
+
+    assert main(args[:-6] + ["model.spatial_encoder=", "--compare", "spatial"]) == 2  # `key=` empties it
+    assert "--compare spatial needs model.spatial_encoder" in capsys.readouterr().err
