@@ -46,7 +46,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.compare == "spatial":
         from vlmtrain.tools.bench_spatial import compare_spatial, format_spatial
 
-        record = compare_spatial(_load(args), warmup=args.warmup, steps=args.steps or 15)
+        record = compare_spatial(_load(args), warmup=args.warmup, steps=args.steps or 15, repeats=args.repeats)
         print(format_spatial(record))
         print(json.dumps(record))
         return 0
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/benchmarks.md). spatial: a model.spatial_encoder config without its spatial branch, "
                         "with it uncached (cold) and with its features cached (warm); print the step times and "
                         "their ratios")
+    b.add_argument("--repeats", type=int, default=1, help="--compare spatial: run the three measurements in turn this "
+                                                          "many times and report medians (default 1)")
     b.add_argument("--pairs", type=int, default=3, help="--compare hf-trainer: interleaved pairs of runs (default 3)")
     b.add_argument("--epochs", type=float, default=1.0, help="--compare hf-trainer: epochs per run (default 1)")
     b.add_argument("--heldout", help="--compare hf-trainer: LLaVA JSON of held-out samples; each final model's loss "
