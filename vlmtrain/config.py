@@ -111,7 +111,7 @@ class ModelConfig:
     spatial_encoder: str = ""  # local HF vision backbone (DINOv2-style AutoModel) run frozen on every frame and fused into its visual tokens, JanusVLN style ("": none; models/spatial.py)
     spatial_projector: str = "mlp"  # linear | mlp: the trainable projector of the spatial features into the LM width
     spatial_weight: float = 0.2  # fusion: visual tokens + spatial_weight x projected spatial features (JanusVLN: 0.2)
-    spatial_fusion: str = "add"  # add (concat is not supported: every merger's input width is fixed by its weights)
+    spatial_fusion: str = "add"  # add (after the projector, weighted) | concat (composed model: joins the vision features' channels before its projector, which is built vision_hidden wider)
     spatial_image_size: int = 0  # longest side of the spatial encoder's input, rounded to its patch size (0: its config's image_size)
 
 
@@ -257,7 +257,7 @@ def _validate(cfg: RunConfig) -> None:
         "train.on_nonfinite": (cfg.train.on_nonfinite, {"skip", "stop"}),
         "train.best_mode": (cfg.train.best_mode, {"auto", "min", "max"}),
         "model.spatial_projector": (cfg.model.spatial_projector, {"linear", "mlp"}),
-        "model.spatial_fusion": (cfg.model.spatial_fusion, {"add"}),
+        "model.spatial_fusion": (cfg.model.spatial_fusion, {"add", "concat"}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -271,6 +271,9 @@ def _validate(cfg: RunConfig) -> None:
         unknown = sorted(set(parts) - set(MODEL_PARTS))
         if unknown:
             raise ConfigError(f"{key}={list(parts)}: unknown part(s) {unknown}; expected some of {list(MODEL_PARTS)}")
+    if cfg.model.spatial_fusion == "concat" and cfg.model.spatial_encoder and cfg.model.family != "composed":
+        raise ConfigError(f"model.spatial_fusion=concat: the {cfg.model.family} merger's input width is fixed by its "
+                          "pretrained weights; use add (concat: the composed model)")
     if cfg.model.spatial_image_size < 0:
         raise ConfigError(f"model.spatial_image_size={cfg.model.spatial_image_size}: must be >= 0")
     if cfg.model.family == "composed":

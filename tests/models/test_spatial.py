@@ -139,8 +139,8 @@ def test_spatial_flops_are_the_hand_counted_ones(dino, chat_tokenizer):
 
 
 def test_bad_settings_are_one_line_errors(base, dino, tmp_path):
-    with pytest.raises(SpatialConfigError, match="spatial_fusion=concat: not supported"):
-        attach_spatial(base, SpatialSettings(str(dino), fusion="concat"))
+    with pytest.raises(SpatialConfigError, match="spatial_fusion=concat: the .* projector's input width is fixed"):
+        attach_spatial(base, SpatialSettings(str(dino), fusion="concat"))  # no family here was built for it
     with pytest.raises(FileNotFoundError, match="model.spatial_encoder=.*not a directory"):
         attach_spatial(base, SpatialSettings(str(tmp_path / "missing")))
     vggt = tmp_path / "vggt"
@@ -149,3 +149,35 @@ def test_bad_settings_are_one_line_errors(base, dino, tmp_path):
     with pytest.raises(SpatialConfigError, match="VGGT has no transformers AutoModel"):
         attach_spatial(base, SpatialSettings(str(vggt)))
     assert dataclasses.asdict(SpatialSettings("x"))["weight"] == 0.2  # JanusVLN's weight by default
+
+
+def test_concat_joins_the_vision_features_before_the_composed_projector(dino, chat_tokenizer, tmp_path):
+    """concat (the composed model built for it): the projector reads vision_hidden more channels, the
+    spatial projector and the model's projector learn, the frozen encoder does not, and the saved
+    model reloads with the same loss."""
+    torch.manual_seed(0)
+    mcfg = ModelConfig(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64, lm_hidden=32,
+                       lm_layers=1, lm_heads=2, lm_kv_heads=2, lm_intermediate=64, history_tokens=1,
+                       spatial_encoder=str(dino), spatial_fusion="concat")
+    base = build_composed_vlm(mcfg, 32, chat_tokenizer, max_frame_slots=3)
+    assert base.projector.in_dim == 64 and base.spatial_concat_width == 32
+    model = attach_spatial(base, SpatialSettings(str(dino), fusion="concat")).eval()
+    assert model.spatial.grid == base.patch_grid() == (4, 4)  # 32 px / patch 8, before the pixel shuffle
+    pixels = _pixels(model)
+    frames = model.prepare_frames(pixels)
+    feats = model.encode_images(frames)
+    assert feats.shape == (2, model.tokens_per_frame(0), 32)
+    vision = base.encode_vision(frames)
+    spatial = model.spatial.encode(frames.meta["spatial_pixels"])
+    torch.testing.assert_close(feats, base.project(torch.cat([vision, model.spatial.projector(spatial)], -1)))
+    loss = _loss(model, pixels)
+    grads = _grads(model, loss)
+    assert all(grads[n].abs().sum() > 0 for n, _ in model.named_parameters() if n.startswith("spatial.projector."))
+    assert not any(n.startswith("spatial.encoder.") for n in grads)
+    # after the 2x2 pixel shuffle each of the 4 merged positions holds [32 vision | 32 spatial] channels
+    first = grads["base.projector.mlp.0.weight"].reshape(32, 4, 64)
+    assert first[:, :, 32:].abs().sum() > 0 and first[:, :, :32].abs().sum() > 0
+
+    model.save_final(tmp_path / "final")
+    again = load_final(tmp_path / "final", ModelConfig())
+    torch.testing.assert_close(_loss(again, pixels), loss.detach(), rtol=0, atol=1e-6)

@@ -192,3 +192,18 @@ def test_cache_and_plan_count_the_branch(small_root, dino, tmp_path, capsys):
     without = json.loads(capsys.readouterr().out)
     assert plain["compute"]["flops_per_step"] > without["compute"]["flops_per_step"]
     assert "spatial" in plain["feature_cache"]
+
+
+def test_concat_fusion_trains_with_both_caches(small_root, dino, tmp_path):
+    """concat on the composed model with a frozen vision encoder: the main cache holds vision-encoder
+    features (split: the projector reads them joined with the branch's), the branch has its own
+    cache, both fill online, and the loss falls."""
+    cfg = _composed(small_root, tmp_path / "run", dino, steps=24, freeze_vision=True)
+    cfg.model.spatial_fusion = "concat"
+    _train(cfg, tmp_path / "run.yaml")
+    logged = [m for m in _metrics(tmp_path / "run") if "loss/train" in m]
+    assert logged[-1]["loss/train"] < 0.7 * logged[0]["loss/train"]
+    assert max(m["cache/hit_rate"] for m in logged) > 0 and max(m["spatial/cache_hit_rate"] for m in logged) > 0
+    meta = json.loads((tmp_path / "run" / "feature_cache" / "meta.json").read_text())
+    assert meta["preprocess"]["producer"] == "vision"  # split: pre-projector features
+    assert (tmp_path / "run" / "model" / "spatial" / "spatial.json").is_file()

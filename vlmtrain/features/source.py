@@ -122,19 +122,20 @@ class FeatureSource:
         if batch.pixels.shape[0] == 0:
             return dummy_frame_features(model, device), 0
         base = unfused(model)
+        branch = spatial_branch(model)
+        concat = branch is not None and branch.concat  # vision features meet the branch before the projector
         frames: FrameBatch = batch.frames.to(device, non_blocking=True)
         if self.cache is None:
-            visual, encoded = base.encode_images(frames), int(batch.pixels.shape[0])
+            feats = base.encode_vision(frames) if concat else base.encode_images(frames)
+            encoded = int(batch.pixels.shape[0])
         else:
             found: CacheLookup = batch.cached
             encode = base.encode_vision if self.split else base.encode_images
-            out, encoded = _through_cache(
+            feats, encoded = _through_cache(
                 self.cache, found, batch.frame_keys,
                 lambda rows: encode(frames if len(rows) == len(frames.pixels) else frames.select(rows)), device)
-            visual = base.project(out) if self.split else out
-        branch = spatial_branch(model)
         if branch is None:
-            return visual, encoded
+            return (base.project(feats) if self.split else feats), encoded
         pixels = batch.spatial_frames.to(device, non_blocking=True)
         if self.spatial_cache is None:
             spatial = branch.encode(pixels)
@@ -145,7 +146,9 @@ class FeatureSource:
                 self.spatial_cache, found, batch.frame_keys,
                 lambda rows: branch.encode(pixels if len(rows) == len(pixels) else pixels[rows]), device)
             self.spatial_encoded += n
-        return branch.fuse(visual, spatial), encoded
+        if concat:
+            return base.project(branch.fuse(feats, spatial)), encoded
+        return branch.fuse(base.project(feats) if self.split else feats, spatial), encoded
 
     def stats(self) -> dict[str, float]:
         """The cache's counters (empty without a cache), the spatial cache's as ``spatial_*``."""
@@ -217,7 +220,10 @@ def cache_decision(model: VLM) -> tuple[bool, bool, str]:
     """
     full, lora = trained_parts(model)
     projector_changes = PROJECTOR in full or PROJECTOR in lora
-    split = model.supports_split and projector_changes
+    branch = spatial_branch(model)
+    # concat fusion: the projector reads the vision features joined with the branch's, so only the
+    # vision features can be cached (even when the projector is frozen)
+    split = model.supports_split and (projector_changes or (branch is not None and branch.concat))
     producers = (VISION,) if split else (VISION, PROJECTOR)
     ok, reason = cache_enabled(full, lora, producers)
     return ok, split, reason

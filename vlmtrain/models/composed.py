@@ -240,6 +240,16 @@ class ComposedVLM(nn.Module):
         side = self.frame_size[0] // int(self.vision.config.patch_size) // self.projector.shuffle
         return side, side
 
+    @property
+    def spatial_concat_width(self) -> int:
+        """Channels a spatial branch concatenates to the vision features before the projector (0: none)."""
+        return self.projector.in_dim - int(self.vision.config.hidden_size)
+
+    def patch_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the vision encoder's patches, row-major (what ``encode_vision`` returns)."""
+        side = int(self.vision.config.image_size) // int(self.vision.config.patch_size)
+        return side, side
+
     def vision_patches_per_frame(self) -> int:
         """Patches the encoder runs per frame."""
         return (int(self.vision.config.image_size) // int(self.vision.config.patch_size)) ** 2
@@ -268,6 +278,9 @@ def build_composed_vlm(mcfg, image_size: int, tokenizer, max_frame_slots: int) -
         common["head_dim"] = mcfg.lm_hidden // mcfg.lm_heads
     lm_cfg = AutoConfig.for_model(mcfg.lm_arch, **common)
     lm = AutoModelForCausalLM.from_config(lm_cfg, attn_implementation="sdpa")
-    projector = PixelShuffleProjector(mcfg.vision_hidden, mcfg.lm_hidden, mcfg.pixel_shuffle)
+    # concat fusion of a spatial branch (models/spatial.py): its features join the vision features'
+    # channels before the pixel shuffle, so the projector reads vision_hidden more channels.
+    concat = mcfg.vision_hidden if mcfg.spatial_encoder and mcfg.spatial_fusion == "concat" else 0
+    projector = PixelShuffleProjector(mcfg.vision_hidden + concat, mcfg.lm_hidden, mcfg.pixel_shuffle)
     return ComposedVLM(vision, projector, lm, tokenizer, max_frame_slots if mcfg.frame_age_embedding else 0,
                        mcfg.history_tokens)

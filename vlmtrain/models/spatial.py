@@ -13,7 +13,11 @@ module, :class:`SpatialBranch`, attached to any vlmtrain model by :class:`Spatia
   (``VLM.visual_grid``: after the family's merge / pixel shuffle), one feature row per visual token;
 - **projector**: trainable, ``linear`` or ``mlp`` (Linear-GELU-Linear) into the LM width;
 - **fusion**: ``add``: ``visual + spatial_weight * projector(spatial)`` on the LM-width channels of
-  every visual token (Qwen3-VL's deepstack channels are left as they are).
+  every visual token (Qwen3-VL's deepstack channels are left as they are); ``concat`` (the composed
+  model, whose projector is built for it): the spatial features, resampled to the vision encoder's
+  patch grid and projected to its width, join the vision features' channels before the pixel-shuffle
+  projector (``spatial_weight`` is not used). The HF families' mergers have a fixed input width (their
+  pretrained weights), so ``concat`` is refused there.
 
 The encoder output before the projector is what the feature cache stores for the branch
 (``features/source.py``), under its own fingerprint and preprocessing, so a warm run never runs the
@@ -23,10 +27,8 @@ encoder's path and fingerprint, the fusion settings) and ``spatial/projector.saf
 :func:`load_spatial_model` rebuilds the fused model from them and refuses an encoder whose weights
 are not the ones it was trained with.
 
-Not built here: ``concat`` fusion (every family's merger / projector input width is fixed by its
-pretrained weights, and the composed model's projector would need its input widened), and VGGT's
-aggregator (no installable package with a local ``AutoModel`` directory): both are refused with a
-one-line error.
+Not built here: VGGT's aggregator (no installable package with a local ``AutoModel`` directory): it is
+refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ SPATIAL_DIR = "spatial"  # inside a saved model directory
 SPATIAL_META = "spatial.json"
 SPATIAL_WEIGHTS = "projector.safetensors"
 PIXELS_KEY = "spatial_pixels"  # the branch's input in ``FrameBatch.meta``
-FUSIONS = ("add",)
+FUSIONS = ("add", "concat")
 PROJECTORS = ("linear", "mlp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -73,9 +75,7 @@ class SpatialSettings:
 
 def _check(s: SpatialSettings) -> None:
     if s.fusion not in FUSIONS:
-        why = (" (concat needs a merger / projector whose input width can grow: every family's is fixed by "
-               "its pretrained weights)" if s.fusion == "concat" else "")
-        raise SpatialConfigError(f"model.spatial_fusion={s.fusion}: not supported{why}; use add")
+        raise SpatialConfigError(f"model.spatial_fusion={s.fusion}: expected one of {list(FUSIONS)}")
     if s.projector not in PROJECTORS:
         raise SpatialConfigError(f"model.spatial_projector={s.projector}: expected one of {list(PROJECTORS)}")
     if not math.isfinite(s.weight):
@@ -183,8 +183,18 @@ class SpatialBranch(nn.Module):
             x = F.interpolate(x, size=self.grid, mode="bilinear", antialias=True, align_corners=False)
         return x.flatten(2).transpose(1, 2).contiguous()
 
+    @property
+    def concat(self) -> bool:
+        """Whether the branch joins the vision features before the model's projector (else: adds to the
+        visual tokens after it)."""
+        return self.settings.fusion == "concat"
+
     def fuse(self, visual_NKD: torch.Tensor, spatial_NKS: torch.Tensor) -> torch.Tensor:
-        """``visual + weight * projector(spatial)`` on the first ``out_dim`` channels of every token."""
+        """``add``: ``visual + weight * projector(spatial)`` on the first ``out_dim`` channels of every
+        token; ``concat``: ``[vision features | projector(spatial)]`` along the channels."""
+        if self.concat:
+            projected = self.projector(spatial_NKS.to(self.projector_dtype()))
+            return torch.cat([visual_NKD, projected.to(visual_NKD.dtype)], dim=-1)
         added = self.projector(spatial_NKS.to(self.projector_dtype())) * self.settings.weight
         d = self.out_dim
         main = visual_NKD[..., :d] + added.to(visual_NKD.dtype)
@@ -230,11 +240,18 @@ def build_branch(model, settings: SpatialSettings, weightless: bool = False) -> 
     when ``weightless``), a freshly initialised projector into the model's LM width."""
     _check(settings)
     path = Path(settings.encoder_path)
+    if settings.fusion == "concat":
+        width = int(getattr(model, "spatial_concat_width", 0))
+        if width <= 0:
+            raise SpatialConfigError(f"model.spatial_fusion=concat: the {model.family} projector's input width is "
+                                     "fixed (pretrained, or built without the spatial channels); use add")
+        grid, out_dim = tuple(model.patch_grid()), width
+    else:
+        grid, out_dim = tuple(model.visual_grid()), lm_width(model)
     mean, std = _norm_stats(path)
     encoder = load_encoder(path, weightless)
     with torch.device("meta") if weightless else contextlib.nullcontext():
-        branch = SpatialBranch(encoder, settings, tuple(model.visual_grid()), tuple(model.frame_size), lm_width(model),
-                               mean, std)
+        branch = SpatialBranch(encoder, settings, grid, tuple(model.frame_size), out_dim, mean, std)
     return branch
 
 
@@ -269,9 +286,12 @@ class SpatialVLM(nn.Module):
         return frames
 
     def encode_images(self, frames: FrameBatch) -> torch.Tensor:
-        """The wrapped model's visual tokens with the spatial features fused in."""
-        return self.spatial.fuse(self.base.encode_images(base_frames(frames)),
-                                 self.spatial.encode(frames.meta[PIXELS_KEY]))
+        """The wrapped model's visual tokens with the spatial features fused in (``concat``: into its
+        vision features, before its projector)."""
+        spatial = self.spatial.encode(frames.meta[PIXELS_KEY])
+        if self.spatial.concat:
+            return self.base.project(self.spatial.fuse(self.base.encode_vision(base_frames(frames)), spatial))
+        return self.spatial.fuse(self.base.encode_images(base_frames(frames)), spatial)
 
     def part_of(self, param_name: str) -> str:
         """``spatial`` for the branch's parameters, else the wrapped model's part."""
