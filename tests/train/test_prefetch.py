@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from vlmtrain.features.source import FeatureSource
 from vlmtrain.train.prefetch import BatchPrefetcher
 
 
@@ -58,7 +59,7 @@ def test_build_batches_passes_the_loader_keys(monkeypatch):
     monkeypatch.setattr(build, "BatchPrefetcher", lambda *a, **k: seen.update(k) or "prefetcher")
     cfg = load_config(overrides=["data.workers=2", "data.prefetch_factor=4", "data.persistent_workers=true"])
     data = SimpleNamespace(samples=[], frames=None, pad_id=0, image_id=1)
-    assert build.build_batches(cfg, data, None, SimpleNamespace(uses_cache=False), 0, 3, plan="plan")[0] == "prefetcher"
+    assert build.build_batches(cfg, data, None, FeatureSource(), 0, 3, plan="plan")[0] == "prefetcher"
     assert (seen["workers"], seen["prefetch_factor"], seen["persistent_workers"]) == (2, 4, True)
 
 
