@@ -67,6 +67,12 @@ class DataConfig:
     val_fraction: float = 0.0  # >0: hold out this share of each source's episodes for validation (seeded, by episode: no frame of a held-out episode is trained on)
     val_sources: list[SourceConfig] = field(default_factory=list)  # validation sources, held out whole (instead of data.val_fraction)
     packed_attention: str = "varlen"  # varlen: attention computed per document of a pack | mask: a (B,1,L,L) block-diagonal mask (computes the masked blocks too)
+    n1_samples: str = "reference"  # internvla_n1 sources: reference (InternNav's System-2 rules: starts every n1_sample_step frames, pixel-goal / turn / STOP kinds; data/formats/internvla_n1_reference.py) | every_frame (one sample per frame, vlmtrain's earlier rule)
+    n1_prompt: str = "reference"  # internvla_n1 sources: reference (InternNav's prompt, system turn and conjunctions) | vlmtrain (vlmtrain's own wording)
+    n1_sample_step: int = 4  # internvla_n1 reference rules: frames between two candidate starts (InternNav sample_step)
+    n1_future_steps: int = 4  # internvla_n1 reference rules: most actions in a turn answer (InternNav num_future_steps)
+    n1_stop_repeat: int = 5  # internvla_n1 reference rules: copies of each instruction's STOP sample
+    n1_pixel_goal_only: bool = False  # internvla_n1 reference rules: keep only the pixel-goal samples (InternNav pixel_goal_only)
 
 
 @dataclass
@@ -257,6 +263,8 @@ def _validate(cfg: RunConfig) -> None:
         "train.on_nonfinite": (cfg.train.on_nonfinite, {"skip", "stop"}),
         "train.best_mode": (cfg.train.best_mode, {"auto", "min", "max"}),
         "model.spatial_projector": (cfg.model.spatial_projector, {"linear", "mlp"}),
+        "data.n1_samples": (cfg.data.n1_samples, {"reference", "every_frame"}),
+        "data.n1_prompt": (cfg.data.n1_prompt, {"reference", "vlmtrain"}),
         "model.spatial_fusion": (cfg.model.spatial_fusion, {"add", "concat"}),
     }
     for key, (value, allowed) in choices.items():
@@ -274,6 +282,9 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.model.spatial_fusion == "concat" and cfg.model.spatial_encoder and cfg.model.family != "composed":
         raise ConfigError(f"model.spatial_fusion=concat: the {cfg.model.family} merger's input width is fixed by its "
                           "pretrained weights; use add (concat: the composed model)")
+    for key in ("n1_sample_step", "n1_future_steps", "n1_stop_repeat"):
+        if getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)}: must be >= 1")
     if cfg.model.spatial_image_size < 0:
         raise ConfigError(f"model.spatial_image_size={cfg.model.spatial_image_size}: must be >= 0")
     if cfg.model.family == "composed":

@@ -26,6 +26,7 @@ from vlmtrain.config import source_name_and_percent
 from vlmtrain.data.conversation import ConvSample, validate_sample
 from vlmtrain.data.errors import DataError, ErrorPolicy
 from vlmtrain.data.frames import LazyFrames, decode_frames, load_frame
+from vlmtrain.data.formats.internvla_n1_reference import rules_from_config
 from vlmtrain.data.index import IndexSpec, SourceIndex
 from vlmtrain.data.index_build import open_or_build
 from vlmtrain.data.mixture import format_mixture_table, held_out_episodes, select_array
@@ -226,7 +227,7 @@ def read_sources(dcfg, policy: ErrorPolicy, seed: int) -> list[SourceSamples]:
     sources: list[SourceSamples] = []
     for fmt, name, percent, path, image_root in source_specs(dcfg):
         sources += read_source(fmt, name, path, image_root, percent, policy, seed=seed, setting=dcfg.setting,
-                               num_history=dcfg.num_history, prompt=dcfg.prompt)
+                               num_history=dcfg.num_history, prompt=dcfg.prompt, n1=rules_from_config(dcfg))
     for s in sources:
         s.samples = [x for x in s.samples if validate_sample(x, s.path, policy, check_files=False)]
     return sources
@@ -234,7 +235,9 @@ def read_sources(dcfg, policy: ErrorPolicy, seed: int) -> list[SourceSamples]:
 
 def index_specs(dcfg) -> list[tuple[IndexSpec, float]]:
     """(index spec, configured percent) of every configured source."""
-    return [(IndexSpec(fmt, name, str(path), image_root, dcfg.setting, dcfg.num_history, dcfg.prompt), percent)
+    n1 = rules_from_config(dcfg).to_json()
+    return [(IndexSpec(fmt, name, str(path), image_root, dcfg.setting, dcfg.num_history, dcfg.prompt,
+                       n1 if fmt == "internvla_n1" else ""), percent)
             for fmt, name, percent, path, image_root in source_specs(dcfg)]
 
 

@@ -68,6 +68,7 @@ class IndexSpec:
     setting: str = "125cm_0deg"
     num_history: int = 8
     prompt: str = ""
+    n1: str = ""  # internvla_n1: its N1Rules as JSON (formats/internvla_n1_reference.py)
 
 
 def default_index_root(configured: str = "") -> Path:

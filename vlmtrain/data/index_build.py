@@ -31,6 +31,7 @@ from vlmtrain.data.conversation import ConvSample, validate_sample
 from vlmtrain.data.errors import DataError, ErrorPolicy
 from vlmtrain.data.formats.internvl_meta import read_internvl_meta
 from vlmtrain.data.formats.internvla_n1 import parse_dataset_name, read_internvla_n1_scene
+from vlmtrain.data.formats.internvla_n1_reference import N1Rules
 from vlmtrain.data.formats.lerobot import VLNEpisode, iter_dataset_roots, read_lerobot_vln
 from vlmtrain.data.formats.llava_json import read_llava_json
 from vlmtrain.data.formats.streamvln import read_streamvln
@@ -214,7 +215,8 @@ def _read_unit_now(kind: str, spec: IndexSpec, arg) -> _Unit:
         n = w.decisions(read_streamvln(spec.path, read), spec.num_history, spec.prompt)
         unit.sources = [(None, spec.path, 100.0, n)]
     elif kind == "internvla_n1":
-        samples = read_internvla_n1_scene(Path(arg), parse_dataset_name(spec.name), read, spec.num_history)
+        samples = read_internvla_n1_scene(Path(arg), parse_dataset_name(spec.name), read, spec.num_history,
+                                          N1Rules.from_json(spec.n1))
         unit.sources = [(None, spec.path, 100.0, w.conversations(samples, spec.path, 0, errors))]
     elif kind == "llava_json":
         root = Path(spec.image_root) if spec.image_root else Path(spec.path).parent

@@ -18,6 +18,7 @@ from vlmtrain.data.conversation import ConvSample, ImageRef
 from vlmtrain.data.errors import DataError, ErrorPolicy
 from vlmtrain.data.formats.internvl_meta import read_internvl_meta
 from vlmtrain.data.formats.internvla_n1 import read_internvla_n1
+from vlmtrain.data.formats.internvla_n1_reference import N1Rules
 from vlmtrain.data.formats.lerobot import VLNEpisode, iter_dataset_roots, read_lerobot_vln
 from vlmtrain.data.formats.llava_json import read_llava_json
 from vlmtrain.data.formats.streamvln import read_streamvln
@@ -70,14 +71,14 @@ def _lerobot_episodes(path: Path, setting: str, policy: ErrorPolicy) -> list[VLN
 
 def read_source(
     fmt: str, name: str, path: str | Path, image_root: str, percent: float, policy: ErrorPolicy, *,
-    seed: int, setting: str, num_history: int, prompt: str,
+    seed: int, setting: str, num_history: int, prompt: str, n1: N1Rules = N1Rules(),
 ) -> list[SourceSamples]:
     """Read one configured source; returns one entry per mixture source it holds (an InternVL meta
     file holds several, each weighted by its ``repeat_time`` times ``percent``).
 
     ``setting`` (camera setting) applies to ``lerobot_vln``; ``num_history`` to every navigation
     format; ``prompt`` to ``lerobot_vln`` and ``streamvln`` (InternVLA-N1 samples carry their own
-    prompt). Bad records go to ``policy``.
+    prompt); ``n1`` (the InternVLA-N1 rules) to ``internvla_n1``. Bad records go to ``policy``.
     """
     path = Path(path)
     if fmt == "lerobot_vln":
@@ -89,7 +90,7 @@ def read_source(
     if fmt == "internvla_n1":
         # Read at 100 %: the mixture plan applies the percent with the same seeded selection
         # (select_indices keyed by the dataset name) that read_internvla_n1's own "%N" would.
-        samples = read_internvla_n1(path, name, policy, seed=seed, num_history=num_history)
+        samples = read_internvla_n1(path, name, policy, seed=seed, num_history=num_history, rules=n1)
         return [SourceSamples(name, path, percent, samples)]
     if fmt == "llava_json":
         root = Path(image_root) if image_root else path.parent

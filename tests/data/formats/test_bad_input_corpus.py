@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 # Fixture writers shared with the per-format tests (same folder, imported by module name).
-from test_internvla_n1 import EPISODES, write_scene
+from test_internvla_n1 import EPISODES, EVERY_FRAME, write_scene
 from test_streamvln import LEADING, PLAIN, write_streamvln
 
 from vlmtrain.data.conversation import check_length
@@ -84,7 +84,7 @@ def missing_parquet_column(tmp: Path) -> Case:
     root = write_scene(tmp / "scene", drop_goal=(1,))
 
     def read(policy: ErrorPolicy) -> list[str]:
-        return [s.record for s in read_internvla_n1(root, "r2r_125cm_0_30", policy)]
+        return [s.record for s in read_internvla_n1(root, "r2r_125cm_0_30", policy, rules=EVERY_FRAME)]
 
     good = [f"scene/episode 0 t={t}" for t in range(len(EPISODES[0]["actions"]))]
     return Case(read, "missing_column", "episode_000001.parquet", "episode 1", good)

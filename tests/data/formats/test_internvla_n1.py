@@ -24,13 +24,23 @@ from vlmtrain.data.formats.internvla_n1 import (
     LOOKDOWN_SYMBOL,
     SAMPLE_KINDS,
     parse_dataset_name,
-    read_internvla_n1,
 )
+from vlmtrain.data.formats.internvla_n1 import read_internvla_n1 as _read_internvla_n1
+from vlmtrain.data.formats.internvla_n1_reference import N1Rules
 from vlmtrain.data.formats.lerobot import ACTION_SYMBOLS
 from vlmtrain.data.mixture import planned_count
 from vlmtrain.data.samples import history_indices
 
 HIST, DOWN = "125cm_0deg", "125cm_30deg"
+# These tests check vlmtrain's every-frame rule; tests/data/formats/test_internvla_n1_reference.py
+# checks the default, InternNav's reference rules.
+EVERY_FRAME = N1Rules(samples="every_frame", prompt="vlmtrain")
+
+
+def read_internvla_n1(*args, **kwargs):
+    """``read_internvla_n1`` under the every-frame rule (unless a test passes ``rules``)."""
+    kwargs.setdefault("rules", EVERY_FRAME)
+    return _read_internvla_n1(*args, **kwargs)
 NAME = "r2r_125cm_0_30"
 NO = [-1.0, -1.0]
 # episode -> executed actions (action[0] = -1: the action that led into each frame) and goals.

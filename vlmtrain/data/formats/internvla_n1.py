@@ -1,5 +1,9 @@
 """InternData-N1 scenes read the InternVLA-N1 way: System-2 conversation samples.
 
+By default (``N1Rules(samples="reference")``) the samples are InternNav's own: the starts, kinds,
+answers, prompt and images of ``internvla_n1_reference.py``. ``samples="every_frame"`` is the rule
+below, vlmtrain's earlier one.
+
 A dataset name such as ``r2r_125cm_0_30%50`` means corpus ``r2r``, camera height 125 cm, history
 camera pitch 0° (setting ``125cm_0deg``: history and current frames), look-down pitch 30°
 (setting ``125cm_30deg``: the frame a pixel goal is given in), keep 50 % of the built samples.
@@ -36,6 +40,7 @@ import pyarrow.parquet as pq
 
 from vlmtrain.data.conversation import ConvSample, ImageRef
 from vlmtrain.data.errors import DataError, ErrorPolicy
+from vlmtrain.data.formats.internvla_n1_reference import N1Rules, build_reference_samples
 from vlmtrain.data.formats.lerobot import (
     ACTION_SYMBOLS,
     DEFAULT_CHUNKS_SIZE,
@@ -87,6 +92,7 @@ def read_internvla_n1(
     horizon: int = 4,
     kinds: Sequence[str] = SAMPLE_KINDS,
     check_frames: bool = True,
+    rules: N1Rules = N1Rules(),
 ) -> list[ConvSample]:
     """Build InternVLA-N1 System-2 samples from one scene root or a folder of scene roots.
 
@@ -96,9 +102,10 @@ def read_internvla_n1(
         policy: what to do with bad episodes; default raises the first `DataError`.
         seed: seeds the ``%N`` selection (`select_indices`, keyed by the dataset name).
         num_history: history frames per sample (``history_indices``).
-        horizon: longest run of identical actions in one answer (1: one symbol).
-        kinds: which sample kinds to keep (see the module docstring).
+        horizon: ``every_frame`` rules: longest run of identical actions in one answer (1: one symbol).
+        kinds: ``every_frame`` rules: which sample kinds to keep (see the module docstring).
         check_frames: verify that every frame file exists.
+        rules: how samples are built (``N1Rules``; default: the reference's).
 
     Returns:
         The kept samples, scene by scene, episode by episode, frame by frame.
@@ -120,15 +127,15 @@ def read_internvla_n1(
         return []
     samples: list[ConvSample] = []
     for root in roots:
-        samples.extend(_read_scene(root, spec, policy, num_history, horizon, kinds, check_frames))
+        samples.extend(_read_scene(root, spec, policy, num_history, horizon, kinds, check_frames, rules))
     return [samples[i] for i in select_indices(len(samples), spec.percent, seed, spec.name)]
 
 
-def read_internvla_n1_scene(root: Path, spec: N1DatasetName, policy: ErrorPolicy, num_history: int = 8
-                            ) -> list[ConvSample]:
+def read_internvla_n1_scene(root: Path, spec: N1DatasetName, policy: ErrorPolicy, num_history: int = 8,
+                            rules: N1Rules = N1Rules()) -> list[ConvSample]:
     """Every sample of one scene root, as :func:`read_internvla_n1` reads each root (default horizon and
     kinds, frames checked); the unit a sample index builds in parallel."""
-    return _read_scene(Path(root), spec, policy, num_history, 4, SAMPLE_KINDS, True)
+    return _read_scene(Path(root), spec, policy, num_history, 4, SAMPLE_KINDS, True, rules)
 
 
 class _Collector(ErrorPolicy):
@@ -150,14 +157,16 @@ def _read_scene(
     horizon: int,
     kinds: Sequence[str],
     check_frames: bool,
+    rules: N1Rules = N1Rules(),
 ) -> list[ConvSample]:
     """Samples of one scene root."""
+    reference = rules.samples == "reference"
     episodes = read_lerobot_vln(root, spec.history_setting, policy, check_frames)
     lookdown: dict[int, VLNEpisode] | None = None
     lookdown_errors: dict[int, DataError] = {}
     chunks_size, data_path = DEFAULT_CHUNKS_SIZE, DEFAULT_DATA_PATH
     has_lookdown = any((root / "videos").glob(f"*/{rgb_video_key(spec.lookdown_setting)}"))
-    if episodes and "pixel_goal" in kinds and has_lookdown:
+    if episodes and ("pixel_goal" in kinds or reference) and has_lookdown:
         # Both settings share the parquet and meta files, so a defect there would be reported
         # twice; the look-down read reports through a collector and only errors of episodes that
         # the first read accepted reach the policy.
@@ -173,6 +182,7 @@ def _read_scene(
         index = episode.episode_index
         lookdown_frames: tuple[Path, ...] | None = None
         goals: np.ndarray | None = None
+        goal_ids: np.ndarray | None = None
         if lookdown is not None:
             if index not in lookdown:
                 policy.handle(
@@ -185,10 +195,18 @@ def _read_scene(
             )
             try:
                 goals = read_goals(pq_path, index, episode.length, f"goal.{spec.lookdown_setting}")
+                if reference:
+                    goal_ids = read_goal_frame_ids(pq_path, index, episode.length,
+                                                   f"relative_goal_frame_id.{spec.lookdown_setting}")
             except DataError as err:
                 policy.handle(err)
                 continue
             lookdown_frames = lookdown[index].frame_paths
+        if reference:
+            samples.extend(build_reference_samples(
+                episode.targets, split_instructions(episode.instructions), episode.frame_paths, spec.name,
+                f"{root.name}/episode {index}", rules, num_history, lookdown_frames, goals, goal_ids, PROMPT))
+            continue
         samples.extend(
             build_episode_samples(
                 episode, spec.name, f"{root.name}/episode {index}", num_history, horizon,
@@ -257,6 +275,42 @@ def read_goals(pq_path: str | PathLike[str], index: int, length: int, column: st
     return goals
 
 
+def read_goal_frame_ids(pq_path: str | PathLike[str], index: int, length: int, column: str) -> np.ndarray:
+    """``relative_goal_frame_id.<setting>`` of one episode as int64 ``(T,)`` (-1: no goal): one integer
+    per row, or a one-element list (both occur in InternData-N1 releases).
+
+    Raises:
+        DataError: ``missing_column``, ``length_mismatch``, ``bad_goal`` (not one integer per row).
+    """
+    pq_path = Path(pq_path)
+    try:
+        pf = pq.ParquetFile(pq_path)
+    except FileNotFoundError:
+        raise DataError(pq_path, "missing_file", index, "episode parquet not found")
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(pq_path, "bad_parquet", index, f"cannot open parquet: {exc}")
+    with pf:
+        if column not in pf.schema_arrow.names:
+            raise DataError(pq_path, "missing_column", index,
+                            f"missing column {column} (the reference rules need it for the look-down setting)")
+        arr = pf.read(columns=[column]).column(column).combine_chunks()
+    if len(arr) != length:
+        raise DataError(pq_path, "length_mismatch", index, f"{column} has {len(arr)} rows, want {length}")
+    t = arr.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        if (pc.list_value_length(arr).to_numpy(zero_copy_only=False) != 1).any():
+            raise DataError(pq_path, "bad_goal", index, f"{column} must hold one integer per row")
+        arr = arr.flatten()
+    if arr.null_count or not pa.types.is_integer(arr.type):
+        raise DataError(pq_path, "bad_goal", index, f"{column} must hold one integer per row, got {arr.type}")
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def split_instructions(texts: Sequence[str]) -> list[str]:
+    """An episode's instructions: every ``tasks`` entry split on ``<INSTRUCTION_SEP>``, blanks dropped."""
+    return [part.strip() for text in texts for part in text.split(INSTRUCTION_SEP) if part.strip()]
+
+
 def answer_run(targets: np.ndarray, t: int, horizon: int) -> str:
     """The target's symbol at ``t``, repeated for each consecutive identical target, ≤ `horizon`.
 
@@ -289,12 +343,7 @@ def build_episode_samples(
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     frames = [os.path.abspath(p) for p in episode.frame_paths]
     down = [os.path.abspath(p) for p in lookdown_frames] if lookdown_frames is not None else None
-    instructions = [
-        part.strip()
-        for text in episode.instructions
-        for part in text.split(INSTRUCTION_SEP)
-        if part.strip()
-    ]
+    instructions = split_instructions(episode.instructions)
     wanted = set(kinds)
     samples: list[ConvSample] = []
     for k, instruction in enumerate(instructions):
