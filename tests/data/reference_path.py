@@ -4,6 +4,8 @@ only, as the reference the index path must reproduce (``test_index.py``)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from vlmtrain.config import source_name_and_percent
 from vlmtrain.data.conversation import ConvSample, check_length, validate_sample
 from vlmtrain.data.errors import DataError, ErrorPolicy
+from vlmtrain.data.formats.internvla_n1_reference import SYSTEM_PROMPT, sample_kind
 from vlmtrain.data.frames import LazyFrames, decode_frames, load_frame, readable
 from vlmtrain.data.mixture import format_mixture_table, plan_mixture, summarize_mixture
 from vlmtrain.data.samples import TokenizedSample
@@ -116,6 +119,10 @@ def load_data(dcfg, model: VLM, seed: int, sources: list[SourceSamples], policy:
                     [e for examples in policy.examples.values() for e in examples[:1]])
     planned = summarize_mixture(kept)
     table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
+    for name, source in by_name.items():  # InternVLA-N1 reference samples: planned per kind, from their turns
+        if source.samples and source.samples[0].turns[0] == ("system", SYSTEM_PROMPT):
+            kinds = Counter(sample_kind(source.samples[i]) for n, i in kept if n == name)
+            table[name]["kinds"] = dict(sorted(kinds.items()))
     return TrainData([encoded[k] for k in kept], frames, int(model.tokenizer.pad_token_id), int(model.image_token_id),
                      table, policy.summary())
 

@@ -15,6 +15,7 @@ composed model's tokenizer is trained on it (toy-scale data by design).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -26,7 +27,7 @@ from vlmtrain.config import source_name_and_percent
 from vlmtrain.data.conversation import ConvSample, validate_sample
 from vlmtrain.data.errors import DataError, ErrorPolicy
 from vlmtrain.data.frames import LazyFrames, decode_frames, load_frame
-from vlmtrain.data.formats.internvla_n1_reference import rules_from_config
+from vlmtrain.data.formats.internvla_n1_reference import record_kind, rules_from_config
 from vlmtrain.data.index import IndexSpec, SourceIndex
 from vlmtrain.data.index_build import open_or_build
 from vlmtrain.data.mixture import format_mixture_table, held_out_episodes, select_array
@@ -203,6 +204,21 @@ class TrainData:
             "mean_images_per_sample": round(float(np.sum(self.samples.num_frames)) / max(n, 1), 3),
             "skipped": dict(self.skipped),
         }
+
+
+def _planned_kinds(store: "_Store", rows: np.ndarray) -> dict[str, int]:
+    """Planned samples per InternVLA-N1 reference kind (``pixel_goal`` / ``turn`` / ``stop``) among
+    ``rows``, read off their records; empty for a source whose records carry no kind."""
+    if not len(rows):
+        return {}
+    index, local, _ = store.locate(int(rows[0]))
+    if record_kind(index.record(local)) is None:
+        return {}
+    counts: Counter[str] = Counter()
+    for g in rows.tolist():
+        index, local, _ = store.locate(g)
+        counts[record_kind(index.record(local)) or "other"] += 1
+    return dict(sorted(counts.items()))
 
 
 def conversations_of(sources: Sequence[SourceSamples]) -> Iterator[list[Turn]]:
@@ -419,6 +435,11 @@ def load_data(dcfg, model: VLM, seed: int, indexes: Sequence[SourceIndex], polic
         log.warning("skipped records: %s (first: %s)", policy.summary(),
                     [e for examples in policy.examples.values() for e in examples[:1]])
     table = {n: {"available": available[n], "percent": percents[n], "planned": planned.get(n, 0)} for n in available}
+    for i, s in enumerate(sources):  # InternVLA-N1 reference samples: planned samples per kind
+        kinds = _planned_kinds(store, rows[sample_source == i])
+        if kinds:
+            table[s.name]["kinds"] = kinds
+            log.info("%s: planned samples per kind %s", s.name, kinds)
     return TrainData(SampleTable(store, rows, lookup, [(s.start, s.blame) for s in sources]), frames, int(model.tokenizer.pad_token_id),
                      int(model.image_token_id), table, policy.summary(),
                      sample_source=sample_source, source_names=[s.name for s in sources])

@@ -120,6 +120,14 @@ def turn_answer(actions: np.ndarray, s: int, horizon: int) -> str:
     return "".join(out)
 
 
+def record_kind(record: str) -> Optional[str]:
+    """The kind a reference sample's record ends with (None for other records)."""
+    words = record.rsplit(" ", 2)
+    if words[-1] in ("pixel_goal", "turn"):
+        return words[-1]
+    return "stop" if len(words) == 3 and words[-2] == "stop" and words[-1].isdigit() else None
+
+
 def sample_kind(sample: ConvSample) -> str:
     """``pixel_goal`` | ``turn`` | ``stop`` of a reference sample (from its first answer)."""
     first = next(text for role, text in sample.turns if role == "assistant")
@@ -145,8 +153,8 @@ def build_reference_samples(
     ``targets``: the decision targets (``action[1:] + [0]``); ``goal_ids`` / ``goals``: the look-down
     setting's ``relative_goal_frame_id`` and ``goal`` columns (None: no look-down data, every goal id
     counts as -1). ``vlmtrain_prompt``: the user-turn template of ``prompt="vlmtrain"`` (``{instruction}``,
-    ``{history}``). Records are ``"{record_prefix} s={s}"`` (+ ``" instruction {k}"``; STOP copies
-    + ``" stop {r}"``).
+    ``{history}``). Records are ``"{record_prefix} s={s}"`` (+ ``" instruction {k}"``), then the kind:
+    ``" pixel_goal"``, ``" turn"`` or ``" stop {r}"`` (copy r): :func:`record_kind` reads it back.
     """
     n = len(targets)
     if n < MIN_EPISODE:
@@ -181,10 +189,10 @@ def build_reference_samples(
             if gid == -1:
                 if int(targets[s]) == FORWARD or rules.pixel_goal_only:
                     continue
-                out.append(sample(s, record, [turn_answer(targets, s, rules.num_future_steps)], False))
+                out.append(sample(s, f"{record} turn", [turn_answer(targets, s, rules.num_future_steps)], False))
             elif gid >= MIN_GOAL_FRAME and down is not None and goals is not None:
                 u, v = (int(round(float(x))) for x in goals[s])
-                out.append(sample(s, record, [LOOKDOWN, f"{u} {v}"], True))
+                out.append(sample(s, f"{record} pixel_goal", [LOOKDOWN, f"{u} {v}"], True))
         if not rules.pixel_goal_only:  # each copy its own record: its own conjunction, as the reference draws
             out += [sample(n - 1, f"{record_prefix} s={n - 1}{suffix} stop {r}", ["STOP"], False)
                     for r in range(rules.stop_repeat)]
