@@ -223,14 +223,8 @@ def _data_layout(root: Path) -> tuple[int, str]:
     return chunks_size, info.get("data_path") or DEFAULT_DATA_PATH
 
 
-def read_goals(pq_path: str | PathLike[str], index: int, length: int, column: str) -> np.ndarray:
-    """Pixel goals of one episode as float64 ``(T, 2)``; ``[-1, -1]`` means no goal at that frame.
-
-    Raises:
-        DataError: ``missing_column`` (column absent), ``length_mismatch`` (row count),
-            ``bad_goal`` (not two non-null numbers per row, or negative other than ``[-1, -1]``).
-    """
-    pq_path = Path(pq_path)
+def _episode_column(pq_path: Path, index: int, column: str, why: str) -> pa.Array:
+    """One column of an episode parquet; DataError ``missing_file`` / ``bad_parquet`` / ``missing_column``."""
     try:
         pf = pq.ParquetFile(pq_path)
     except FileNotFoundError:
@@ -240,11 +234,20 @@ def read_goals(pq_path: str | PathLike[str], index: int, length: int, column: st
     with pf:
         names = pf.schema_arrow.names
         if column not in names:
-            raise DataError(
-                pq_path, "missing_column", index,
-                f"missing column {column} (needed for pixel goals); present: {', '.join(names)}",
-            )
-        arr = pf.read(columns=[column]).column(column).combine_chunks()
+            raise DataError(pq_path, "missing_column", index,
+                            f"missing column {column} ({why}); present: {', '.join(names)}")
+        return pf.read(columns=[column]).column(column).combine_chunks()
+
+
+def read_goals(pq_path: str | PathLike[str], index: int, length: int, column: str) -> np.ndarray:
+    """Pixel goals of one episode as float64 ``(T, 2)``; ``[-1, -1]`` means no goal at that frame.
+
+    Raises:
+        DataError: ``missing_column`` (column absent), ``length_mismatch`` (row count),
+            ``bad_goal`` (not two non-null numbers per row, or negative other than ``[-1, -1]``).
+    """
+    pq_path = Path(pq_path)
+    arr = _episode_column(pq_path, index, column, "needed for pixel goals")
     if len(arr) != length:
         raise DataError(
             pq_path, "length_mismatch", index, f"{column} has {len(arr)} rows, want {length}"
@@ -283,17 +286,7 @@ def read_goal_frame_ids(pq_path: str | PathLike[str], index: int, length: int, c
         DataError: ``missing_column``, ``length_mismatch``, ``bad_goal`` (not one integer per row).
     """
     pq_path = Path(pq_path)
-    try:
-        pf = pq.ParquetFile(pq_path)
-    except FileNotFoundError:
-        raise DataError(pq_path, "missing_file", index, "episode parquet not found")
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(pq_path, "bad_parquet", index, f"cannot open parquet: {exc}")
-    with pf:
-        if column not in pf.schema_arrow.names:
-            raise DataError(pq_path, "missing_column", index,
-                            f"missing column {column} (the reference rules need it for the look-down setting)")
-        arr = pf.read(columns=[column]).column(column).combine_chunks()
+    arr = _episode_column(pq_path, index, column, "the reference rules need it for the look-down setting")
     if len(arr) != length:
         raise DataError(pq_path, "length_mismatch", index, f"{column} has {len(arr)} rows, want {length}")
     t = arr.type
