@@ -16,9 +16,8 @@ from vlmtrain.metrics.flops import model_flops
 from vlmtrain.models.composed import build_composed_vlm
 from vlmtrain.models.parts import trained_parts
 from vlmtrain.models.protocol import Turn
-from vlmtrain.models.registry import load_adapter, load_final
-from vlmtrain.models.spatial import (SpatialConfigError, SpatialSettings, SpatialVLM, attach_spatial, load_branch,
-                                     load_spatial_model)
+from vlmtrain.models.registry import load_adapter, load_final, load_spatial_model
+from vlmtrain.models.spatial import SpatialConfigError, SpatialSettings, SpatialVLM, attach_spatial, load_branch
 from vlmtrain.models.tiny_idefics3 import save_tiny_idefics3
 from vlmtrain.models.tiny_llava import save_tiny_llava
 from vlmtrain.models.tiny_qwen import save_tiny_qwen_vl

@@ -24,7 +24,8 @@ from vlmtrain.config import save_config
 from vlmtrain.features.cache import FeatureCache
 from vlmtrain.features.fingerprint import fingerprint_modules, frame_keys
 from vlmtrain.models.export import load_adapter_export
-from vlmtrain.models.spatial import SpatialVLM, load_branch, load_spatial_model
+from vlmtrain.models.registry import load_spatial_model
+from vlmtrain.models.spatial import SpatialVLM, load_branch
 from vlmtrain.models.tiny_qwen import save_tiny_qwen_vl
 from vlmtrain.models.tiny_spatial import save_tiny_dinov2
 from vlmtrain.train.build import build_batches, build_model_and_data

@@ -16,50 +16,17 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from vlmtrain.models.fingerprint import DIGEST_SIZE, fingerprint_modules  # noqa: F401  (re-exported)
+
 # 20-byte BLAKE2b digests: 160 bits keep accidental collisions out of reach for any frame count a
 # run will see, while the hex keys (40 chars) stay short in the SQLite index. BLAKE2b is in hashlib,
 # faster than SHA-1/SHA-256 in CPython and releases the GIL on large buffers.
-DIGEST_SIZE = 20
 
 # Version of the on-disk cache layout (meta.json, index, shards); bump when it changes.
 FORMAT_VERSION = 1
 
 # Parts a model is split into for freezing, learning rates and LoRA (``models/lora.py`` PARTS).
 VISION, PROJECTOR = "vision", "projector"
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """Raw bytes of a tensor in memory order (bf16 included, which numpy cannot represent)."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def fingerprint_modules(*modules: nn.Module, extra: Optional[Any] = None) -> str:
-    """A hex digest over every parameter and buffer of ``modules`` (the feature producers).
-
-    Hashed, per module in argument order: its class name, then for each parameter and buffer its name,
-    dtype, shape and bytes. Any weight change (one element is enough), a dtype change or a different
-    architecture gives a different fingerprint. Non-persistent buffers are included because they
-    take part in the forward (e.g. SigLIP's ``position_ids``).
-
-    Not covered: hyper-parameters that live outside tensors (activation function, norm epsilon,
-    attention implementation). Pass anything of that kind that may change as ``extra`` (any
-    JSON-serialisable value). Call this on the full, unsharded module before FSDP/DeepSpeed wrap it:
-    a sharded parameter only holds this rank's slice. Cost: one pass over the weights (about a second
-    per GB on a CPU core), so compute it once per run.
-    """
-    if not modules:
-        raise ValueError("fingerprint_modules needs at least one module")
-    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
-    for i, module in enumerate(modules):
-        h.update(f"module {i} {type(module).__qualname__}\n".encode())
-        tensors = list(module.named_parameters(remove_duplicate=True)) + list(module.named_buffers())
-        for name, t in tensors:
-            h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-            h.update(_tensor_bytes(t))
-    if extra is not None:
-        h.update(b"extra " + json.dumps(extra, sort_keys=True).encode())
-    return h.hexdigest()
 
 
 def frame_keys(pixels: torch.Tensor) -> list[str]:

@@ -18,6 +18,7 @@ from vlmtrain.models.composed import ComposedVLM, build_composed_vlm
 from vlmtrain.models.composed_chat import load_tokenizer, tokenizer_from_conversations
 from vlmtrain.models.hf_base import HFVLMAdapter
 from vlmtrain.models.protocol import VLM, Turn
+from vlmtrain.models.spatial import SPATIAL_DIR, SPATIAL_META, SpatialVLM, has_saved_branch, load_branch
 
 COMPOSED = "composed"  # the family built from model.* instead of loaded from model.path
 
@@ -112,7 +113,16 @@ def load_final(directory: str | Path, mcfg) -> VLM:
     """The model ``save_final`` wrote into ``directory`` (a run's ``model/``), in eval mode, its
     spatial branch included when it has one (``models/spatial.py``); an HF model's frames are sized
     as in training (``model.frame_size``)."""
-    from vlmtrain.models.spatial import has_saved_branch, load_branch
-
     model = load_base_final(directory, mcfg.family, mcfg.frame_size or None)
     return load_branch(model, directory).eval() if has_saved_branch(directory) else model
+
+
+def load_spatial_model(directory: str | Path, encoder_path: Optional[str | Path] = None, family: str = "auto",
+                       frame_size: Optional[int] = None) -> SpatialVLM:
+    """The fused model ``vlmtrain export --merged`` (or a run's ``model/``) wrote for inference, in eval
+    mode: the merged base model (``models.registry.load_final``'s rules), its encoder from the saved
+    reference (or ``encoder_path``: the same weights elsewhere), and the trained projector."""
+    if not has_saved_branch(directory):
+        raise FileNotFoundError(f"{directory}: no {SPATIAL_DIR}/{SPATIAL_META} (not a model with a spatial branch)")
+    base = load_base_final(directory, family, frame_size)
+    return load_branch(base, directory, encoder_path).eval()

@@ -24,7 +24,7 @@ The encoder output before the projector is what the feature cache stores for the
 encoder again whatever the main vision tower does. The encoder is never saved in checkpoints (only
 trainable tensors are) nor copied into exports: a saved model holds ``spatial/spatial.json`` (the
 encoder's path and fingerprint, the fusion settings) and ``spatial/projector.safetensors``;
-:func:`load_spatial_model` rebuilds the fused model from them and refuses an encoder whose weights
+:func:`models.registry.load_spatial_model` rebuilds the fused model from them and refuses an encoder whose weights
 are not the ones it was trained with.
 
 Not built here: VGGT's aggregator (no installable package with a local ``AutoModel`` directory): it is
@@ -214,7 +214,7 @@ class SpatialBranch(nn.Module):
     def save(self, directory: str | Path) -> Path:
         """``spatial.json`` (settings with the encoder fingerprint, grid, preprocessing) and the
         projector's weights into ``directory`` (the encoder is referenced, not copied)."""
-        from vlmtrain.features.fingerprint import fingerprint_modules
+        from vlmtrain.models.fingerprint import fingerprint_modules
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +223,7 @@ class SpatialBranch(nn.Module):
         settings["encoder_fingerprint"] = self.settings.encoder_fingerprint or fingerprint_modules(self.encoder)
         meta = {"format": "vlmtrain.spatial/1", "settings": settings, "grid": list(self.grid),
                 "frame_size": list(self.frame_size), "out_dim": self.out_dim, "identity": self.identity(),
-                "load": "vlmtrain.models.spatial.load_spatial_model(model_dir)"}
+                "load": "vlmtrain.models.registry.load_spatial_model(model_dir)"}
         (out / SPATIAL_META).write_text(json.dumps(meta, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()},
                   str(out / SPATIAL_WEIGHTS))
@@ -356,7 +356,7 @@ def load_branch(model, directory: str | Path, encoder_path: Optional[str | Path]
                 check_fingerprint: bool = True) -> SpatialVLM:
     """``model`` (the loaded base) with the branch saved in ``directory/spatial``: the encoder from the
     saved path (or ``encoder_path``), which must have the saved fingerprint, and the trained projector."""
-    from vlmtrain.features.fingerprint import fingerprint_modules
+    from vlmtrain.models.fingerprint import fingerprint_modules
 
     root = Path(directory) / SPATIAL_DIR
     meta = json.loads((root / SPATIAL_META).read_text())
@@ -375,16 +375,3 @@ def load_branch(model, directory: str | Path, encoder_path: Optional[str | Path]
                                      f"model was trained with (fingerprint {found[:12]} != {settings.encoder_fingerprint[:12]})")
     branch.projector.load_state_dict(load_file(str(root / SPATIAL_WEIGHTS)))
     return SpatialVLM(model, branch)
-
-
-def load_spatial_model(directory: str | Path, encoder_path: Optional[str | Path] = None, family: str = "auto",
-                       frame_size: Optional[int] = None) -> SpatialVLM:
-    """The fused model ``vlmtrain export --merged`` (or a run's ``model/``) wrote for inference, in eval
-    mode: the merged base model (``models.registry.load_final``'s rules), its encoder from the saved
-    reference (or ``encoder_path``: the same weights elsewhere), and the trained projector."""
-    from vlmtrain.models.registry import load_base_final
-
-    if not has_saved_branch(directory):
-        raise FileNotFoundError(f"{directory}: no {SPATIAL_DIR}/{SPATIAL_META} (not a model with a spatial branch)")
-    base = load_base_final(directory, family, frame_size)
-    return load_branch(base, directory, encoder_path).eval()

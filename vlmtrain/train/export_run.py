@@ -36,7 +36,7 @@ def export_run(run_dir: str | Path, merged: Optional[str | Path] = None, adapter
     """Write the run's final model (``save_final``: for an HF family a merged HF checkpoint) to
     ``merged`` and/or its PEFT adapter (plus the fully trained modules) to ``adapter``; returns the
     written directories. A model with a spatial branch gets ``spatial/`` (encoder reference, trained
-    projector, fusion settings) in both: ``models.spatial.load_spatial_model(merged)`` rebuilds it,
+    projector, fusion settings) in both: ``models.registry.load_spatial_model(merged)`` rebuilds it,
     and ``load_branch(load_adapter_export(base, adapter), adapter)`` from the adapter."""
     if merged is None and adapter is None:
         raise ValueError("nothing to export: give a merged and/or an adapter output directory")
