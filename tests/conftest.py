@@ -107,3 +107,38 @@ def chat_tokenizer():
 
     return train_tokenizer(["go to the red box", "find the blue chair", "walk to the red box and stop"],
                            vocab_size=96, answers=ACTION_TEXTS)
+
+
+FAMILIES = ["composed", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "llava"]
+
+
+def tiny_family_model(family: str, tmp, chat_tokenizer):
+    """A tiny real model of ``family`` (seed 0): the composed VLM (hidden 32, one layer, pooled history)
+    around ``chat_tokenizer``, or the family's tiny HF checkpoint written under ``tmp``."""
+    import torch
+
+    from vlmtrain.config import ModelConfig
+    from vlmtrain.models.composed import build_composed_vlm
+    from vlmtrain.models.registry import load_adapter
+    from vlmtrain.models.tiny_idefics3 import save_tiny_idefics3
+    from vlmtrain.models.tiny_llava import save_tiny_llava
+    from vlmtrain.models.tiny_qwen import save_tiny_qwen_vl
+
+    torch.manual_seed(0)
+    if family == "composed":
+        mcfg = ModelConfig(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64, lm_hidden=32,
+                           lm_layers=1, lm_heads=2, lm_kv_heads=2, lm_intermediate=64, history_tokens=1)
+        return build_composed_vlm(mcfg, 32, chat_tokenizer, max_frame_slots=3)
+    if family.startswith("qwen"):
+        path = save_tiny_qwen_vl(tmp / "hf", family=family, seed=0)
+    elif family == "idefics3":
+        path = save_tiny_idefics3(tmp / "hf", seed=0)
+    else:
+        path = save_tiny_llava(tmp / "hf", seed=0)
+    return load_adapter(family, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_of():
+    """:func:`tiny_family_model` as a fixture (conftest functions are not importable by tests)."""
+    return tiny_family_model

@@ -10,13 +10,9 @@ import torch
 from torch import nn
 
 from vlmtrain.config import ModelConfig
-from vlmtrain.models.composed import build_composed_vlm
 from vlmtrain.models.parts import PARTS
 from vlmtrain.models.protocol import VLM, FrameBatch, Turn
-from vlmtrain.models.registry import load_adapter, load_final
-from vlmtrain.models.tiny_idefics3 import save_tiny_idefics3
-from vlmtrain.models.tiny_llava import save_tiny_llava
-from vlmtrain.models.tiny_qwen import save_tiny_qwen_vl
+from vlmtrain.models.registry import load_final
 
 FAMILIES = ["composed", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "llava"]
 PROTOCOL_METHODS = sorted(name for name, member in vars(VLM).items()
@@ -27,20 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def model(request, tmp_path_factory, chat_tokenizer) -> nn.Module:
-    family, tmp = request.param, tmp_path_factory.mktemp(request.param)
-    torch.manual_seed(0)
-    if family == "composed":
-        mcfg = ModelConfig(vision_hidden=32, vision_layers=1, vision_heads=2, vision_intermediate=64, lm_hidden=32,
-                           lm_layers=1, lm_heads=2, lm_kv_heads=2, lm_intermediate=64, history_tokens=1)
-        return build_composed_vlm(mcfg, 32, chat_tokenizer, max_frame_slots=3).eval()
-    if family.startswith("qwen"):
-        path = save_tiny_qwen_vl(tmp / "hf", family=family, seed=0)
-    elif family == "idefics3":
-        path = save_tiny_idefics3(tmp / "hf", seed=0)
-    else:
-        path = save_tiny_llava(tmp / "hf", seed=0)
-    return load_adapter(family, path).eval()
+def model(request, tmp_path_factory, chat_tokenizer, tiny_model_of) -> nn.Module:
+    return tiny_model_of(request.param, tmp_path_factory.mktemp(request.param), chat_tokenizer).eval()
 
 
 def test_the_protocol_lists_the_whole_surface():
