@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,8 @@ EXAMPLES = {
     "format_internvla_n1": ("qwen2_5_vl", True, ["internvla_n1"], {"r2r_125cm_0_30": 50.0}),
     "format_streamvln": ("qwen2_5_vl", True, ["streamvln"], {"r2r": 100.0}),
     "gridnav": ("composed", False, ["lerobot_vln"], {}),
+    "internvla_n1_s2": ("qwen2_5_vl", False, ["internvla_n1"], {"r2r_125cm_0_30": 100.0}),
+    "internvla_n1_s2_qwen3_vl": ("qwen3_vl", False, ["internvla_n1"], {"r2r_125cm_0_30": 100.0}),
     "janusvln_qwen2_5_vl": ("qwen2_5_vl", True, ["internvla_n1"], {"r2r_125cm_0_30": 100.0}),
     "janusvln_qwen2_5_vl_gridnav": ("qwen2_5_vl", True, ["lerobot_vln"], {}),
     "janusvln_qwen2_5_vl_llava_json": ("qwen2_5_vl", True, ["llava_json"], {}),
@@ -145,3 +149,73 @@ def test_janusvln_recipes_run_on_the_scripts_tiny_models(name, gridnav_root, tmp
     assert meta["settings"]["weight"] == 0.2
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("spatial/frames_encoded_per_sample" in m for m in metrics)
+
+
+def _n1_scene(tmp_path: Path) -> Path:
+    """The issue's 3-episode, 107-frame InternData-N1 scene: 21 pixel-goal, 3 turn and 15 STOP samples
+    at r2r_125cm_0_30 (tests/data/formats/test_internvla_n1_reference.py)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "data" / "formats"))
+    from test_internvla_n1_reference import write_scene
+
+    return write_scene(tmp_path / "scene")
+
+
+def _s2_overrides(tmp_path: Path, model: Path, scene: Path) -> list[str]:
+    # One CPU process instead of torchrun + ZeRO-2; no packing and 13 samples a step: 39 / 13 = 3 steps
+    # per epoch. Everything else is the recipe's (bf16, checkpointing, 6 epochs, its schedule).
+    return [f"model.path={model}", f"output_dir={tmp_path / 'run'}", "parallel.backend=none",
+            f"data.sources=[{{name: r2r_125cm_0_30, format: internvla_n1, path: {scene}}}]",
+            f"data.index_dir={tmp_path / 'index'}", "data.packing=false", "train.batch_size=13",
+            "train.log_every=1", "train.progress=false", "train.ckpt_every=0"]
+
+
+def test_internvla_n1_s2_plan_reports_steps_per_epoch_from_the_reference_counts(tmp_path, capsys):
+    """`vlmtrain plan` on the recipe: 39 samples (pixel_goal 21, stop 15, turn 3), 3 steps per epoch,
+    18 in 6 epochs."""
+    from vlmtrain.cli import main
+
+    assert _script().main(["--family", "qwen2_5_vl", "--out", str(tmp_path / "qwen")]) == 0
+    overrides = _s2_overrides(tmp_path, tmp_path / "qwen", _n1_scene(tmp_path))
+    assert main(["plan", "--config", str(ROOT / "configs" / "internvla_n1_s2.yaml"), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"r2r_125cm_0_30\s+39\s+100%\s+39\s+pixel_goal 21, stop 15, turn 3", out), out
+    assert "steps: 3 per epoch, 18 in total (6.0 epochs)" in out
+
+
+def test_internvla_n1_s2_lora_run_trains_with_falling_loss(tmp_path, caplog):
+    """The Qwen2.5-VL recipe with LoRA (model.lora=true and the LoRA rate its header names) runs its 6
+    epochs; every epoch sees the same 39 samples, so the mean loss of the last epoch is the same
+    quantity as the first epoch's, and it is lower. The start-up log gives the kinds and the length."""
+    from vlmtrain.train.loop import train
+
+    assert _script().main(["--family", "qwen2_5_vl", "--out", str(tmp_path / "qwen")]) == 0
+    overrides = _s2_overrides(tmp_path, tmp_path / "qwen", _n1_scene(tmp_path)) + ["model.lora=true", "optim.lr=1e-4"]
+    cfg = load_config(RunConfig(), ROOT / "configs" / "internvla_n1_s2.yaml", overrides)
+    assert (cfg.train.epochs, cfg.train.precision, cfg.optim.lr_vision) == (6, "bf16", 5e-6)
+    with caplog.at_level("INFO", logger="vlmtrain"):
+        summary = train(cfg)
+    assert summary["steps"] == 18
+    assert "r2r_125cm_0_30: planned samples per kind {'pixel_goal': 21, 'stop': 15, 'turn': 3}" in caplog.text
+    assert "run length: 18 steps (6 epochs, 3 steps per epoch)" in caplog.text
+    assert summary["data"]["sources"]["r2r_125cm_0_30"]["kinds"] == {"pixel_goal": 21, "stop": 15, "turn": 3}
+    losses = [m["loss/train"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "loss/train" in m]
+    assert len(losses) == 18
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.97 * first, losses
+    assert (tmp_path / "run" / "model").is_dir()
+
+
+def test_internvla_n1_s2_qwen3_vl_recipe_runs(tmp_path):
+    """The Qwen3-VL variant, full fine-tuning as written, trains 2 steps on the script's tiny Qwen3-VL."""
+    from vlmtrain.train.loop import train
+
+    assert _script().main(["--family", "qwen3_vl", "--out", str(tmp_path / "qwen3")]) == 0
+    overrides = _s2_overrides(tmp_path, tmp_path / "qwen3", _n1_scene(tmp_path)) + ["train.epochs=0", "train.steps=2"]
+    cfg = load_config(RunConfig(), ROOT / "configs" / "internvla_n1_s2_qwen3_vl.yaml", overrides)
+    summary = train(cfg)
+    assert summary["steps"] == 2
+    losses = [m["loss/train"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

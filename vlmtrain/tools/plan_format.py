@@ -54,8 +54,11 @@ def format_plan(r: dict) -> str:
     out.append(f"LoRA share: {p['all']['lora_share_of_trainable']:.1%} of trainable, "
                f"{p['all']['lora_share_of_total']:.3%} of all parameters")
     out.append("")
-    out.append(table(["source", "available", "percent", "planned"],
-                     [[n, s["available"], f"{s['percent']:g}%", s["planned"]] for n, s in d["sources"].items()]))
+    with_kinds = any("kinds" in s for s in d["sources"].values())  # InternVLA-N1 reference samples
+    out.append(table(["source", "available", "percent", "planned"] + (["per kind"] if with_kinds else []),
+                     [[n, s["available"], f"{s['percent']:g}%", s["planned"]]
+                      + ([", ".join(f"{k} {v}" for k, v in s.get("kinds", {}).items()) or "-"] if with_kinds else [])
+                      for n, s in d["sources"].items()]))
     t, im = d["tokens_per_sample"], d["images_per_sample"]
     out.append(f"{d['samples']} samples, {d['frames']} distinct frames; tokens/sample {t['mean']} "
                f"({t['min']}-{t['max']}); images/sample {im['mean']} ({im['min']}-{im['max']})"
