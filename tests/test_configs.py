@@ -38,6 +38,7 @@ EXAMPLES = {
     "format_streamvln": ("qwen2_5_vl", True, ["streamvln"], {"r2r": 100.0}),
     "gridnav": ("composed", False, ["lerobot_vln"], {}),
     "internvla_n1_s2": ("qwen2_5_vl", False, ["internvla_n1"], {"r2r_125cm_0_30": 100.0}),
+    "internvla_n1_s2_gridnav": ("qwen2_5_vl", False, ["internvla_n1"], {"gridnav_125cm_0_30": 100.0}),
     "internvla_n1_s2_qwen3_vl": ("qwen3_vl", False, ["internvla_n1"], {"r2r_125cm_0_30": 100.0}),
     "janusvln_qwen2_5_vl": ("qwen2_5_vl", True, ["internvla_n1"], {"r2r_125cm_0_30": 100.0}),
     "janusvln_qwen2_5_vl_gridnav": ("qwen2_5_vl", True, ["lerobot_vln"], {}),

@@ -145,7 +145,8 @@ def _data_gridnav(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     root = write_dataset(Path(args.out), episodes=args.episodes, seed=args.seed, split=args.split,
-                         image_size=args.image_size, noise_p=args.noise, detour_p=args.detour)
+                         image_size=args.image_size, noise_p=args.noise, detour_p=args.detour,
+                         lookdown_pitch=args.lookdown_pitch)
     info = json.loads((Path(root) / "meta" / "info.json").read_text())
     print(f"wrote {info['total_episodes']} episodes, {info['total_frames']} frames to {root} "
           f"in {time.perf_counter() - t0:.1f}s")
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise", type=float, default=0.25, help="probability of a random executed action (labels stay expert)")
     g.add_argument("--detour", type=float, default=0.5,
                    help="probability that an episode first detours to a distractor (labels stay expert)")
+    g.add_argument("--lookdown-pitch", type=float, default=0.0,
+                   help="also write InternData-N1's look-down setting at this pitch (e.g. 30: 125cm_30deg frames and "
+                        "pixel goals, read by an internvla_n1 source named gridnav_125cm_0_30); 0: none")
     g.set_defaults(func=_data_gridnav)
     return p
 

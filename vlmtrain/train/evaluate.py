@@ -28,11 +28,10 @@ logits that way fails loudly instead of scoring garbage.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,8 +43,10 @@ from vlmtrain.envs.gridnav import simulate
 from vlmtrain.envs.gridnav.metrics import METRIC_KEYS, summarize
 from vlmtrain.envs.gridnav.simulate import EpisodeState
 from vlmtrain.envs.gridnav.expert import make_episode
-from vlmtrain.models.protocol import IGNORE_INDEX, VLM, Encoded
+from vlmtrain.models.protocol import VLM, Encoded
 from vlmtrain.models.registry import load_final
+from vlmtrain.train.evaluate_n1 import PixelGoalPolicy, is_n1_run
+from vlmtrain.train.scoring import answer_log_likelihood, pad_encoded
 
 log = logging.getLogger("vlmtrain")
 # States scored per LM forward; each state is len(ACTION_TEXTS) = 4 rows (one per candidate answer).
@@ -53,58 +54,6 @@ DEFAULT_STATES_PER_FORWARD = 32
 # Frame features kept across steps (each frame of a live episode is encoded once) up to this many bytes;
 # past it, frames are encoded again when a later step shows them.
 FEATURE_BUDGET_BYTES = 2 << 30
-
-
-@contextlib.contextmanager
-def captured_logits(model: VLM) -> Iterator[list[torch.Tensor]]:
-    """Within this context, every output of the model's output embedding (the logits ``forward_lm``
-    computes, at the labelled positions only) is appended to the yielded list."""
-    captured: list[torch.Tensor] = []
-    handle = model.output_embeddings().register_forward_hook(lambda _m, _i, output: captured.append(output))
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def labelled_log_probs(model: VLM, captured: list[torch.Tensor], labels: torch.Tensor, mean_loss: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probability of each labelled target, whether it is the argmax, its row), each shape (T,),
-    in row-major order of ``labels[:, 1:] != -100``, from the logits :func:`captured_logits` caught
-    in one ``forward_lm`` that returned ``mean_loss``. Raises when they are not the logits that loss
-    came from (a model that stopped computing logits that way fails loudly, not with garbage)."""
-    targets_BL = labels[:, 1:].to(mean_loss.device)
-    keep_BL = targets_BL != IGNORE_INDEX
-    num_labels = int(keep_BL.sum())
-    if num_labels == 0:
-        empty = torch.zeros(0, device=mean_loss.device)
-        return empty, empty.bool(), empty.long()
-    logits_TV = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).float() if captured else None
-    if logits_TV is None or logits_TV.shape[0] != num_labels:
-        got = 0 if logits_TV is None else logits_TV.shape[0]
-        raise RuntimeError(f"{model.family}: forward_lm computed logits at {got} positions, expected the "
-                           f"{num_labels} labelled ones; scoring relies on that")
-    targets_T = targets_BL[keep_BL]
-    logp_T = torch.log_softmax(logits_TV, dim=-1).gather(1, targets_T.unsqueeze(1)).squeeze(1)
-    if not torch.allclose(-logp_T.mean(), mean_loss.float(), rtol=1e-3, atol=1e-4):
-        raise RuntimeError(f"{model.family}: captured logits give loss {float(-logp_T.mean()):.6f} but "
-                           f"forward_lm returned {float(mean_loss):.6f}")
-    return logp_T, logits_TV.argmax(-1) == targets_T, keep_BL.nonzero(as_tuple=True)[0]
-
-
-@torch.no_grad()
-def answer_log_likelihood(model: VLM, inputs_embeds: torch.Tensor, labels: torch.Tensor,
-                          attention_mask: torch.Tensor, position_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-sample summed log-probability of the labelled tokens, shape (B,) (0 for a row without labels).
-
-    Takes the same inputs as ``model.forward_lm`` (unshifted labels, IGNORE_INDEX elsewhere) and runs
-    it once, catching its logits (:func:`captured_logits`, :func:`labelled_log_probs`).
-    """
-    with captured_logits(model) as captured:
-        mean_loss = model.forward_lm(inputs_embeds, labels, attention_mask=attention_mask, position_ids=position_ids)
-    logp_T, _, rows_T = labelled_log_probs(model, captured, labels, mean_loss)
-    sums_B = torch.zeros(labels.shape[0], dtype=torch.float32, device=inputs_embeds.device)
-    return sums_B.index_add_(0, rows_T, logp_T) if len(rows_T) else sums_B
 
 
 class VLMPolicy:
@@ -195,26 +144,13 @@ class VLMPolicy:
                 encoded.append(e)
                 slots.extend(state_slots)
                 ages.extend(range(len(indices) - 1, -1, -1))
-        ids, labels, mask = self._pad(encoded)
+        ids, labels, mask = pad_encoded(encoded, self.pad_id, self.device)
         features = torch.stack([feats[key] for key in order])
         embeds = self.model.embed(ids, features, torch.tensor(slots, dtype=torch.long, device=self.device),
                                   torch.tensor(ages, dtype=torch.long, device=self.device))
         positions = self.model.position_ids(ids, mask)
         ll = answer_log_likelihood(self.model, embeds, labels, mask, positions)
         return ll.view(len(states), len(ACTION_TEXTS)).cpu()
-
-    def _pad(self, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids, labels and attention mask on the device, as ``loader.collate`` pads."""
-        width = max(len(e.input_ids) for e in encoded)
-        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, e in enumerate(encoded):
-            n = len(e.input_ids)
-            ids[i, :n] = torch.tensor(e.input_ids)
-            labels[i, :n] = torch.tensor(e.labels)
-            mask[i, :n] = 1
-        return ids.to(self.device), labels.to(self.device), mask.to(self.device)
 
 
 def run_model_dir(run_dir: Path, which: str = "auto") -> tuple[Path, str]:
@@ -245,11 +181,17 @@ def load_run_model(model_dir: Path, run_dir: Path, cfg: RunConfig) -> VLM:
 
 
 def run_policy(run_dir: Path, cfg: RunConfig, device: torch.device,
-               batch_size: int = DEFAULT_STATES_PER_FORWARD, which: str = "auto") -> tuple[VLMPolicy, str]:
+               batch_size: int = DEFAULT_STATES_PER_FORWARD, which: str = "auto"
+               ) -> tuple[VLMPolicy | PixelGoalPolicy, str]:
     """(the run's trained model on ``device`` as a GridNav policy, history and prompt from its config;
-    which model it is: :func:`run_model_dir`'s label)."""
+    which model it is: :func:`run_model_dir`'s label). A run on InternVLA-N1 reference samples answers
+    with pixel goals, turns and STOP: its policy is ``evaluate_n1.PixelGoalPolicy``."""
     model_dir, label = run_model_dir(run_dir, which)
     model = load_run_model(model_dir, run_dir, cfg).to(device)
+    if is_n1_run(cfg):
+        log.info("eval: %s model %s from %s, frames %s, InternVLA-N1 System 2 (pixel goals, turns, STOP) with "
+                 "GridNav's geometric System 1", model.family, label, model_dir, model.frame_size)
+        return PixelGoalPolicy(model, cfg, device), label
     log.info("eval: %s model %s from %s, frames %s, candidate scoring of %d actions, %d states per forward",
              model.family, label, model_dir, model.frame_size, len(ACTION_TEXTS), batch_size)
     return VLMPolicy(model, cfg.data.num_history, cfg.data.prompt, device, batch_size), label
@@ -281,6 +223,8 @@ def evaluate_run(run_dir: str | Path, episodes: Optional[int] = None, seed: Opti
     specs = [make_episode(seed, "test", i) for i in range(n)]
     report = rollout_report(specs, policy, cfg.eval.max_steps, seed)
     report["model"] = label
+    if isinstance(policy, PixelGoalPolicy):
+        report["decisions"] = policy.report()
     (run_dir / "eval.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -293,6 +237,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<18}" + "".join(f"{r[k]:>8.3f}" for k in METRIC_KEYS))
     outcomes = ", ".join(f"{k} {v:.2f}" for k, v in report.get("outcomes", {}).items())
     lines.append(f"episodes: {report['episodes']} held-out (split test); outcomes: {outcomes}")
+    if "decisions" in report:
+        lines.append("decisions: " + ", ".join(f"{k} {v}" for k, v in report["decisions"].items()))
     if "model" in report:
         lines.append(f"model: {report['model']}")
     return "\n".join(lines)

@@ -78,9 +78,7 @@ def validate(cfg: RunConfig, vset: Optional[ValidationSet], parallel, source, in
             if vset is not None:
                 metrics.update(validate_samples(vset, unwrap(parallel), parallel, info.device, info.rank, info.world_size))
             if cfg.eval.rollout_episodes:
-                metrics.update(validate_rollouts(unwrap(parallel), cfg.eval.rollout_episodes, cfg.eval.seed,
-                                                 cfg.eval.max_steps, cfg.data.num_history, cfg.data.prompt,
-                                                 info.device, info.rank, info.world_size))
+                metrics.update(validate_rollouts(unwrap(parallel), cfg, info.device, info.rank, info.world_size))
     finally:
         parallel.train()
         source.settle(unwrap(parallel))

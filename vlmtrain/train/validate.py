@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from vlmtrain.config import RunConfig
 from vlmtrain.data.dataset import TrainData
 from vlmtrain.data.loader import Batch, collate
 from vlmtrain.envs.gridnav import simulate
@@ -36,7 +37,9 @@ from vlmtrain.envs.gridnav.metrics import METRIC_KEYS, metric_sums
 from vlmtrain.features.source import FeatureSource
 from vlmtrain.models.protocol import VLM
 from vlmtrain.parallel.init import all_reduce_values
-from vlmtrain.train.evaluate import VLMPolicy, captured_logits, labelled_log_probs
+from vlmtrain.train.evaluate import VLMPolicy
+from vlmtrain.train.evaluate_n1 import PixelGoalPolicy, is_n1_run
+from vlmtrain.train.scoring import captured_logits, labelled_log_probs
 from vlmtrain.train.step import lm_loss, prepare_batch
 
 log = logging.getLogger("vlmtrain")
@@ -121,13 +124,17 @@ def validate_samples(vset: ValidationSet, model: VLM, forward: Callable, device:
 
 
 @torch.no_grad()
-def validate_rollouts(model: VLM, episodes: int, seed: int, max_steps: int, num_history: int, prompt: str,
-                      device: torch.device, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """``eval/*`` closed-loop metrics of ``model`` on ``episodes`` GridNav episodes of split "val"
-    (collective when ``world_size`` > 1). ``model`` is the plain module (its weights whole on
-    every rank: a single process or DDP)."""
-    specs = [make_episode(seed, ROLLOUT_SPLIT, i) for i in range(rank, episodes, world_size)]
-    results = simulate.rollout(specs, VLMPolicy(model, num_history, prompt, device), max_steps=max_steps) if specs else []
+def validate_rollouts(model: VLM, cfg: RunConfig, device: torch.device, rank: int = 0,
+                      world_size: int = 1) -> dict[str, float]:
+    """``eval/*`` closed-loop metrics of ``model`` on ``eval.rollout_episodes`` GridNav episodes of
+    split "val" (collective when ``world_size`` > 1), driven as ``vlmtrain eval`` drives it (a run on
+    InternVLA-N1 reference samples: ``evaluate_n1.PixelGoalPolicy``). ``model`` is the plain module
+    (its weights whole on every rank: a single process or DDP)."""
+    ev = cfg.eval
+    specs = [make_episode(ev.seed, ROLLOUT_SPLIT, i) for i in range(rank, ev.rollout_episodes, world_size)]
+    policy = (PixelGoalPolicy(model, cfg, device) if is_n1_run(cfg)
+              else VLMPolicy(model, cfg.data.num_history, cfg.data.prompt, device))
+    results = simulate.rollout(specs, policy, max_steps=ev.max_steps) if specs else []
     local = metric_sums(results)
     sums = all_reduce_values([float(len(results))] + [local[k] for k in METRIC_KEYS], "sum")
     n = max(sums[0], 1.0)

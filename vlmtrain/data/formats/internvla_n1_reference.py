@@ -103,11 +103,34 @@ def conjunction(record: str, draw: int = 0) -> str:
 def reference_user_text(instruction: str, history: int, conj: str) -> str:
     """The reference's first user turn for ``history`` history frames and conjunction ``conj``: the
     template with ``<instruction>.`` replaced by the instruction as stored (InternData-N1 instructions
-    end with their own period)."""
+    end with their own period; one without a final ``.``, ``!`` or ``?`` gets a period)."""
+    if not instruction.rstrip().endswith((".", "!", "?")):
+        instruction = instruction.rstrip() + "."  # GridNav's instructions end without one
     text = REFERENCE_PROMPT.replace("<instruction>.", instruction)
     if history:
         text += HISTORY_SENTENCE.format(images="<image>\n" * history)
     return text + f" {conj}<image>."
+
+
+def reference_turns(instruction: str, history: int, record: str, answers: Sequence[str], prompt: str = "reference",
+                    vlmtrain_prompt: Optional[str] = None) -> list[tuple[str, str]]:
+    """The conversation of one sample (system, user, answer; a pixel-goal sample, whose ``answers`` are
+    ``["↓", "u v"]``, adds the look-down user turn and its answer): images are ``history`` history
+    frames, the current one, then the look-down frame. ``prompt``: ``reference`` or ``vlmtrain``
+    (``vlmtrain_prompt``, the user-turn template with ``{instruction}`` and ``{history}``). The
+    conjunctions are drawn from ``record``. Training samples and the closed-loop evaluator
+    (``train/evaluate_n1.py``) both build their turns here."""
+    if prompt == "reference":
+        user = reference_user_text(instruction, history, conjunction(record, 0))
+        follow = f"{conjunction(record, 1)}<image>."
+    else:
+        hist = "Earlier views: " + "<image>" * history + ". " if history else ""
+        user = vlmtrain_prompt.format(instruction=instruction, history=hist)
+        follow = "Looking down: <image>. Give the waypoint in this image."
+    turns = [("system", SYSTEM_PROMPT), ("user", user), ("assistant", answers[0])]
+    if len(answers) > 1:
+        turns += [("user", follow), ("assistant", answers[1])]
+    return turns
 
 
 def turn_answer(actions: np.ndarray, s: int, horizon: int) -> str:
@@ -167,18 +190,8 @@ def build_reference_samples(
 
         def sample(s: int, record: str, answers: list[str], lookdown: bool) -> ConvSample:
             history = history_indices(s, num_history)
-            images = [frames[h] for h in history] + [frames[s]]
-            if rules.prompt == "reference":
-                user = reference_user_text(instruction, len(history), conjunction(record, 0))
-                follow = f"{conjunction(record, 1)}<image>."
-            else:
-                hist = "Earlier views: " + "<image>" * len(history) + ". " if history else ""
-                user = vlmtrain_prompt.format(instruction=instruction, history=hist)
-                follow = "Looking down: <image>. Give the waypoint in this image."
-            turns = [("system", SYSTEM_PROMPT), ("user", user), ("assistant", answers[0])]
-            if lookdown:
-                turns += [("user", follow), ("assistant", answers[1])]
-                images.append(down[s])
+            images = [frames[h] for h in history] + [frames[s]] + ([down[s]] if lookdown else [])
+            turns = reference_turns(instruction, len(history), record, answers, rules.prompt, vlmtrain_prompt)
             return ConvSample(source, record, tuple(turns), tuple(ImageRef(p) for p in images))
 
         for s in range(0, n + 1, rules.sample_step):

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .camera import camera_basis, pixel_goal, render_pitched
 from .expert import EXPERT_VERSION, Demo, demonstrate, make_episode
 from .render import encode_jpeg, render
 from .world import ACTION_NAMES, MAX_STEPS, EpisodeSpec, Pose, episode_rng
@@ -42,17 +43,19 @@ def parse_setting(setting: str) -> tuple[float, float]:
     return int(m.group(1)) / 100.0, float(m.group(2))
 
 
-def camera_to_world(pose: Pose, camera_height: float) -> list[list[float]]:
+def camera_to_world(pose: Pose, camera_height: float, pitch_deg: float = 0.0) -> list[list[float]]:
     """4x4 camera-to-world matrix; world z up, camera axes OpenCV-style (x right, y down,
-    z forward), zero pitch."""
-    c, s = math.cos(pose.heading), math.sin(pose.heading)
+    z forward), pitched down by ``pitch_deg``."""
+    forward, right, down = camera_basis(pose, pitch_deg)
     # Columns: camera x (right), y (down), z (forward) in world coordinates, then the position.
-    return [
-        [s, 0.0, c, pose.x],
-        [-c, 0.0, s, pose.y],
-        [0.0, -1.0, 0.0, camera_height],
-        [0.0, 0.0, 0.0, 1.0],
-    ]
+    return [[float(right[i]), float(down[i]), float(forward[i]), p]
+            for i, p in enumerate((pose.x, pose.y, camera_height))] + [[0.0, 0.0, 0.0, 1.0]]
+
+
+def lookdown_setting(setting: str, pitch_deg: float) -> str:
+    """The look-down setting of history setting ``setting`` at ``pitch_deg``: ``125cm_30deg``."""
+    height, _ = parse_setting(setting)
+    return f"{round(height * 100)}cm_{pitch_deg:g}deg"
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,16 @@ class _Job:
     global_offset: int
 
 
-def _schema(setting: str) -> pa.Schema:
+def _setting_fields(setting: str) -> list[tuple[str, pa.DataType]]:
+    return [(f"pose.{setting}", pa.list_(pa.list_(pa.float64()))), (f"goal.{setting}", pa.list_(pa.float64())),
+            (f"relative_goal_frame_id.{setting}", pa.int64())]
+
+
+def _schema(setting: str, lookdown: str = "") -> pa.Schema:
     return pa.schema([
         ("action", pa.int64()),
-        (f"pose.{setting}", pa.list_(pa.list_(pa.float64()))),
-        (f"goal.{setting}", pa.list_(pa.float64())),
-        (f"relative_goal_frame_id.{setting}", pa.int64()),
+        *_setting_fields(setting),
+        *(_setting_fields(lookdown) if lookdown else []),
         ("timestamp", pa.float32()),
         ("frame_index", pa.int64()),
         ("episode_index", pa.int64()),
@@ -82,28 +89,43 @@ def _schema(setting: str) -> pa.Schema:
 
 
 def _write_jobs(root: str, jobs: list[_Job], setting: str, image_size: int,
-                jpeg_quality: int) -> None:
-    """Worker: render each frame to JPEG and write each episode's parquet."""
+                jpeg_quality: int, lookdown_pitch: float = 0.0) -> None:
+    """Worker: render each frame to JPEG and write each episode's parquet (with ``lookdown_pitch``
+    > 0 also the look-down frames and their pixel goals)."""
     cam_h, _ = parse_setting(setting)
-    schema = _schema(setting)
-    video_key = f"observation.images.rgb.{setting}"
+    down = lookdown_setting(setting, lookdown_pitch) if lookdown_pitch else ""
+    schema = _schema(setting, down)
     for job in jobs:
         e = job.episode_index
         chunk = e // CHUNKS_SIZE
         n = len(job.demo)
         layout = job.layout_spec.layout
-        vid_dir = Path(root) / f"videos/chunk-{chunk:03d}/{video_key}"
-        for t, pose in enumerate(job.demo.poses):
+        poses = job.demo.poses
+        vid_dir = Path(root) / f"videos/chunk-{chunk:03d}/observation.images.rgb.{setting}"
+        for t, pose in enumerate(poses):
             img = render(layout, pose, image_size, camera_height=cam_h)
             (vid_dir / f"episode_{e:06d}_{t}.jpg").write_bytes(encode_jpeg(img, jpeg_quality))
+        columns = [
+            pa.array([camera_to_world(p, cam_h) for p in poses], pa.list_(pa.list_(pa.float64()))),
+            pa.array([[-1.0, -1.0]] * n, pa.list_(pa.float64())),
+            pa.array([-1] * n, pa.int64()),
+        ]
+        if down:
+            down_dir = Path(root) / f"videos/chunk-{chunk:03d}/observation.images.rgb.{down}"
+            for t, pose in enumerate(poses):
+                img = render_pitched(layout, pose, image_size, lookdown_pitch, camera_height=cam_h)
+                (down_dir / f"episode_{e:06d}_{t}.jpg").write_bytes(encode_jpeg(img, jpeg_quality))
+            goals = [pixel_goal(layout, poses, t, image_size, lookdown_pitch, camera_height=cam_h) for t in range(n)]
+            columns += [
+                pa.array([camera_to_world(p, cam_h, lookdown_pitch) for p in poses], pa.list_(pa.list_(pa.float64()))),
+                pa.array([list(uv) for _, uv in goals], pa.list_(pa.float64())),
+                pa.array([gid for gid, _ in goals], pa.int64()),
+            ]
         # Action that led into frame t: -1 at t=0, then the action executed at frame t-1.
         action = [-1] + job.demo.executed[:-1]
         table = pa.Table.from_arrays([
             pa.array(action, pa.int64()),
-            pa.array([camera_to_world(p, cam_h) for p in job.demo.poses],
-                     pa.list_(pa.list_(pa.float64()))),
-            pa.array([[-1.0, -1.0]] * n, pa.list_(pa.float64())),
-            pa.array([-1] * n, pa.int64()),
+            *columns,
             pa.array([t / FPS for t in range(n)], pa.float32()),
             pa.array(range(n), pa.int64()),
             pa.array([e] * n, pa.int64()),
@@ -118,22 +140,32 @@ def _write_jobs_star(args: tuple[Any, ...]) -> None:
     _write_jobs(*args)
 
 
-def _features(setting: str, image_size: int, jpeg_quality: int) -> dict[str, Any]:
-    scalar = {"shape": [1], "names": None}
+def _camera_features(setting: str, image_size: int, jpeg_quality: int) -> dict[str, Any]:
     return {
         f"observation.images.rgb.{setting}": {
             "dtype": "image", "shape": [image_size, image_size, 3],
             "names": ["height", "width", "channel"],
             "info": {"format": "jpeg", "quality": jpeg_quality, "path": "video_path"},
         },
-        "action": {"dtype": "int64", **scalar,
-                   "info": {"labels": {str(k): v for k, v in ACTION_NAMES.items()},
-                            "note": "action that led into this frame; -1 at frame 0"}},
         f"pose.{setting}": {"dtype": "float64", "shape": [4, 4], "names": None,
                             "info": {"note": "camera-to-world, world z up, camera x right "
                                              "y down z forward"}},
-        f"goal.{setting}": {"dtype": "float64", "shape": [2], "names": ["u", "v"]},
-        f"relative_goal_frame_id.{setting}": {"dtype": "int64", **scalar},
+        f"goal.{setting}": {"dtype": "float64", "shape": [2], "names": ["u", "v"],
+                            "info": {"note": "pixel (column, row) of the farthest later position the "
+                                             "camera sees; [-1, -1]: none"}},
+        f"relative_goal_frame_id.{setting}": {"dtype": "int64", "shape": [1], "names": None,
+                                              "info": {"note": "frames from this one to the goal's; -1: none"}},
+    }
+
+
+def _features(setting: str, image_size: int, jpeg_quality: int, lookdown: str = "") -> dict[str, Any]:
+    scalar = {"shape": [1], "names": None}
+    return {
+        **_camera_features(setting, image_size, jpeg_quality),
+        **(_camera_features(lookdown, image_size, jpeg_quality) if lookdown else {}),
+        "action": {"dtype": "int64", **scalar,
+                   "info": {"labels": {str(k): v for k, v in ACTION_NAMES.items()},
+                            "note": "action that led into this frame; -1 at frame 0"}},
         "timestamp": {"dtype": "float32", **scalar},
         "frame_index": {"dtype": "int64", **scalar},
         "episode_index": {"dtype": "int64", **scalar},
@@ -160,15 +192,21 @@ def expert_version(root: str | os.PathLike[str]) -> int | None:
 def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
                   split: str = "train", image_size: int = 64, noise_p: float = 0.25,
                   jpeg_quality: int = 90, setting: str = "125cm_0deg",
-                  workers: int | None = None, overwrite: bool = False, detour_p: float = 0.0) -> Path:
+                  workers: int | None = None, overwrite: bool = False, detour_p: float = 0.0,
+                  lookdown_pitch: float = 0.0) -> Path:
     """Generate ``episodes`` noisy demonstrations of ``split`` and write them as a LeRobot v2.1
     dataset at ``out_dir`` (atomically: temp dir + rename). ``noise_p`` and ``detour_p`` are the
     DAgger-like perturbations of :func:`demonstrate`. ``workers`` defaults to the CPU count
-    (1 = in-process). Returns the dataset root."""
+    (1 = in-process). ``lookdown_pitch`` > 0 also writes InternData-N1's look-down setting
+    (``125cm_30deg`` for 30): its frames, camera poses and pixel goals (``camera.pixel_goal``), so an
+    ``internvla_n1`` source named ``gridnav_125cm_0_30`` reads it. Returns the dataset root."""
     out = Path(out_dir)
     cam_h, pitch = parse_setting(setting)
     if pitch != 0:
-        raise ValueError("GridNav renders zero pitch only")
+        raise ValueError(f"setting {setting}: GridNav's history camera has zero pitch (look down with lookdown_pitch)")
+    if not 0 <= lookdown_pitch < 90:
+        raise ValueError(f"lookdown_pitch={lookdown_pitch}: must be in [0, 90) degrees")
+    down = lookdown_setting(setting, lookdown_pitch) if lookdown_pitch else ""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,21 +230,21 @@ def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
         total_frames = offset
 
         (tmp / "meta").mkdir(parents=True)
-        video_key = f"observation.images.rgb.{setting}"
         for c in range((episodes + CHUNKS_SIZE - 1) // CHUNKS_SIZE):
             (tmp / f"data/chunk-{c:03d}").mkdir(parents=True)
-            (tmp / f"videos/chunk-{c:03d}/{video_key}").mkdir(parents=True)
+            for cam in (setting, down) if down else (setting,):
+                (tmp / f"videos/chunk-{c:03d}/observation.images.rgb.{cam}").mkdir(parents=True)
 
         n_workers = workers if workers is not None else (os.cpu_count() or 1)
         n_workers = max(1, min(n_workers, episodes))
         if n_workers == 1:
-            _write_jobs(str(tmp), jobs, setting, image_size, jpeg_quality)
+            _write_jobs(str(tmp), jobs, setting, image_size, jpeg_quality, lookdown_pitch)
         else:
             # Contiguous ranges, a few per worker for load balance. "spawn" so a caller that
             # already started threads (torch, tokenizers) is not forked mid-state.
             parts = n_workers * 4
             bounds = np.linspace(0, episodes, parts + 1).astype(int)
-            args = [(str(tmp), jobs[a:b], setting, image_size, jpeg_quality)
+            args = [(str(tmp), jobs[a:b], setting, image_size, jpeg_quality, lookdown_pitch)
                     for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
             with mp.get_context("spawn").Pool(n_workers) as pool:
                 for _ in pool.imap_unordered(_write_jobs_star, args):
@@ -226,6 +264,7 @@ def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
             "split": split, "image_size": image_size, "noise_p": noise_p, "detour_p": detour_p,
             "jpeg_quality": jpeg_quality, "setting": setting, "camera_height": cam_h,
             "hfov_deg": 90.0, "max_steps": MAX_STEPS, "expert_version": EXPERT_VERSION,
+            **({"lookdown_setting": down, "lookdown_pitch": lookdown_pitch} if down else {}),
         }, indent=2))
         (meta / "info.json").write_text(json.dumps({
             "codebase_version": CODEBASE_VERSION,
@@ -240,7 +279,7 @@ def write_dataset(out_dir: str | os.PathLike[str], episodes: int, seed: int,
             "splits": {split: f"0:{episodes}"},
             "data_path": DATA_PATH,
             "video_path": VIDEO_PATH,
-            "features": _features(setting, image_size, jpeg_quality),
+            "features": _features(setting, image_size, jpeg_quality, down),
         }, indent=2))
         if out.exists():
             shutil.rmtree(out)
