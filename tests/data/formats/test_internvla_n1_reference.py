@@ -170,6 +170,18 @@ def test_the_turn_answer_stops_at_num_future_steps_and_the_first_forward(tmp_pat
     assert turns == {(0, 8): ("←←",), (1, 8): ("←→",), (2, 8): ("→→→→",)}
 
 
+def test_an_instruction_without_a_final_period_gets_one():
+    """GridNav's instructions end without a period; InternData-N1's with one, kept as stored."""
+    from vlmtrain.data.formats.internvla_n1_reference import reference_user_text
+
+    tail = (" Where should you go next to stay on track? Please output the next waypoint's coordinates in the image. "
+            "Please output STOP when you have successfully completed the task. there is <image>.")
+    head = "You are an autonomous navigation assistant. Your task is to "
+    assert reference_user_text("walk to the red box", 0, "there is ") == head + "walk to the red box." + tail
+    assert reference_user_text("Go up the stairs.", 0, "there is ") == head + "Go up the stairs." + tail
+    assert reference_user_text("Is it there?", 0, "there is ") == head + "Is it there?" + tail
+
+
 def test_prompt_is_the_reference_template_byte_for_byte(tmp_path):
     root = write_scene(tmp_path / "scene")
     samples = read_internvla_n1(root, "r2r_125cm_0_30")
