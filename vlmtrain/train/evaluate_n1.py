@@ -83,6 +83,16 @@ def walk_to(layout, pose: Pose, goal: tuple[float, float], max_actions: int = MA
     return actions
 
 
+def walk_to_pixel(layout, pose: Pose, pixel: Optional[tuple[int, int]], image_size: int, pitch_deg: float,
+                  camera_height: float) -> list[int]:
+    """System 1 for an integer waypoint ``pixel`` of the look-down image at ``pose``: cast its centre
+    onto the floor and :func:`walk_to` it; [] when there is no pixel or its ray misses the floor."""
+    if pixel is None:
+        return []
+    point = pixel_floor_point(pose, pixel[0] + 0.5, pixel[1] + 0.5, image_size, pitch_deg, camera_height=camera_height)
+    return walk_to(layout, pose, point) if point is not None else []
+
+
 class PixelGoalPolicy:
     """An InternVLA-N1 System-2 model of any family as a batched GridNav policy (module docstring)."""
 
@@ -137,10 +147,7 @@ class PixelGoalPolicy:
                 self.queues[states[i].spec.index] = [_SYMBOL_ACTION[c] for c in answer]
 
     def _walk(self, state: EpisodeState, pixel: Optional[tuple[int, int]]) -> list[int]:
-        point = None if pixel is None else pixel_floor_point(state.pose, pixel[0] + 0.5, pixel[1] + 0.5,
-                                                              self.image_size, self.pitch,
-                                                              camera_height=self.camera_height)
-        actions = walk_to(state.spec.layout, state.pose, point) if point is not None else []
+        actions = walk_to_pixel(state.spec.layout, state.pose, pixel, self.image_size, self.pitch, self.camera_height)
         if not actions:
             self.decisions["waypoint_off_floor"] += 1
             return [FORWARD]
