@@ -48,7 +48,8 @@ def camera_to_world(pose: Pose, camera_height: float, pitch_deg: float = 0.0) ->
     z forward), pitched down by ``pitch_deg``."""
     forward, right, down = camera_basis(pose, pitch_deg)
     # Columns: camera x (right), y (down), z (forward) in world coordinates, then the position.
-    return [[float(right[i]), float(down[i]), float(forward[i]), p]
+    # + 0.0 turns the -0.0 of a zero pitch into 0.0, so level cameras are written as they always were
+    return [[float(right[i]) + 0.0, float(down[i]) + 0.0, float(forward[i]) + 0.0, p]
             for i, p in enumerate((pose.x, pose.y, camera_height))] + [[0.0, 0.0, 0.0, 1.0]]
 
 
