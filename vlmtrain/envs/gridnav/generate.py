@@ -8,7 +8,6 @@ dataset. Rendering and file writing run in a process pool over episode ranges.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import os
 import re
