@@ -20,12 +20,9 @@ from typing import Optional
 
 import numpy as np
 
+from .render import _FLOOR_TILE, _WALL_TONE, CEILING_RGB, WALL_HEIGHT, _shade
 from .world import PALETTE, Layout, Pose
 
-WALL_HEIGHT = 2.5  # as render.py
-_CEILING_RGB = np.array([205.0, 205.0, 212.0])
-_WALL_TONE = np.array([1.0, 0.80, 0.90, 0.70])  # +x, -x, +y, -y walls, as render.py
-_FLOOR_TILE = 0.5
 _EPS = 1e-9
 
 
@@ -63,16 +60,16 @@ def render_pitched(layout: Layout, pose: Pose, size: int = 64, pitch_deg: float 
     horiz = np.hypot(d[:, 0], d[:, 1])  # metres on the floor plane per unit of t
 
     img = np.empty((size * size, 3))
-    img[:] = _CEILING_RGB
+    img[:] = CEILING_RGB
     wall = (t_wall < t_floor) & (t_wall < t_ceil)
     wall_rgb = np.asarray(layout.wall_rgb, dtype=np.float64)
-    wall_shade = _WALL_TONE[wall_id] * np.clip(1.0 - 0.05 * t_wall * horiz, 0.55, 1.0)
+    wall_shade = _WALL_TONE[wall_id] * _shade(t_wall * horiz, 0.05, 0.55)
     img[wall] = wall_rgb[None, :] * wall_shade[wall][:, None]
     floor = (t_floor <= t_wall) & np.isfinite(t_floor)
     fx, fy = ox + t_floor * d[:, 0], oy + t_floor * d[:, 1]
     with np.errstate(invalid="ignore"):
         checker = (np.floor(fx / _FLOOR_TILE) + np.floor(fy / _FLOOR_TILE)) % 2
-    floor_f = (1.0 - 0.12 * checker) * np.clip(1.0 - 0.06 * t_floor * horiz, 0.5, 1.0)
+    floor_f = (1.0 - 0.12 * checker) * _shade(t_floor * horiz, 0.06, 0.5)
     img[floor] = np.asarray(layout.floor_rgb, dtype=np.float64)[None, :] * floor_f[floor][:, None]
 
     depth = np.minimum(np.minimum(t_floor, t_ceil), t_wall)
@@ -82,7 +79,7 @@ def render_pitched(layout: Layout, pose: Pose, size: int = 64, pitch_deg: float 
         if not hit.any():
             continue
         base = np.asarray(PALETTE.get(obj.color, (128, 128, 128)), dtype=np.float64)
-        side = np.clip(1.0 - 0.03 * t_near * horiz, 0.7, 1.0)
+        side = _shade(t_near * horiz, 0.03, 0.7)
         fac = np.where(face == 0, 0.72 * side, np.where(face == 1, 0.9 * side, np.minimum(0.9 * side * 1.25, 1.0)))
         img[hit] = base[None, :] * fac[hit][:, None]
         depth = np.where(hit, t_near, depth)
