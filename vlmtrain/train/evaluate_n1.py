@@ -128,14 +128,17 @@ class PixelGoalPolicy:
         history = [history_indices(len(s.frames) - 1, self.num_history) for s in states]
         frames = [[s.frames[h] for h in hist] + [s.frames[-1]] for s, hist in zip(states, history)]
         turns = [self._turns(s, len(h), [a]) for s, h in zip(states, history) for a in self.answers]
+        features: dict[int, torch.Tensor] = {}
+        self._encode_frames(features, frames)
         scores = self._score([self.model.encode_conversation(t) for t in turns],
-                             [f for f in frames for _ in self.answers]).view(len(states), len(self.answers))
+                             [f for f in frames for _ in self.answers], features).view(len(states), len(self.answers))
         best = [self.answers[i] for i in scores.argmax(-1).tolist()]
         goals = [i for i, a in enumerate(best) if a == LOOKDOWN]
         if goals:
             down = [self._lookdown(states[i].spec.layout, states[i].pose) for i in goals]
-            pixels = self._waypoints([states[i] for i in goals], [len(history[i]) for i in goals],
-                                     [frames[i] + [d] for i, d in zip(goals, down)])
+            with_down = [frames[i] + [d] for i, d in zip(goals, down)]
+            self._encode_frames(features, with_down)  # only the look-down frames are new
+            pixels = self._waypoints([states[i] for i in goals], [len(history[i]) for i in goals], with_down, features)
             for i, px in zip(goals, pixels):
                 self.queues[states[i].spec.index] = self._walk(states[i], px)
         for i, answer in enumerate(best):
@@ -165,37 +168,44 @@ class PixelGoalPolicy:
         img = render_pitched(layout, pose, self.image_size, self.pitch, camera_height=self.camera_height)
         return decode_jpeg(encode_jpeg(img))
 
-    def _embed(self, encoded: Sequence[Encoded], frames: Sequence[Sequence[np.ndarray]]):
-        """Embeddings, labels, mask and positions of padded rows whose images are ``frames``."""
+    def _encode_frames(self, features: dict[int, torch.Tensor], frames: Sequence[Sequence[np.ndarray]]) -> None:
+        """Add to ``features`` (keyed by ``id`` of each frame array, alive for the decision) the visual
+        tokens of every frame in ``frames`` not in it yet, in one ``encode_images`` call: each frame of a
+        decision is encoded once, for the scored answers and every waypoint token."""
+        todo = {id(f): f for row in frames for f in row if id(f) not in features}
+        if not todo:
+            return
+        batch = torch.from_numpy(np.stack([resize_array(f, self.size) for f in todo.values()]))
+        fresh = self.model.encode_images(self.model.prepare_frames(batch.permute(0, 3, 1, 2).contiguous()).to(self.device))
+        features.update(zip(todo, fresh))
+
+    def _embed(self, encoded: Sequence[Encoded], frames: Sequence[Sequence[np.ndarray]],
+               features: dict[int, torch.Tensor]):
+        """Embeddings, labels, mask and positions of padded rows whose images are ``frames`` (their
+        visual tokens in ``features``, :meth:`_encode_frames`)."""
         for e, f in zip(encoded, frames):
             if e.num_images != len(f):
                 raise ValueError(f"prompt has {e.num_images} image slots for {len(f)} frames")
-        unique: dict[int, int] = {}
-        pixels: list[np.ndarray] = []
-        slots: list[int] = []
-        ages: list[int] = []
-        for row in frames:
-            for f in row:
-                if id(f) not in unique:
-                    unique[id(f)] = len(pixels)
-                    pixels.append(resize_array(f, self.size))
-                slots.append(unique[id(f)])
-            ages.extend(range(len(row) - 1, -1, -1))
-        batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
-        features = self.model.encode_images(self.model.prepare_frames(batch).to(self.device))
+        keys = list(dict.fromkeys(id(f) for row in frames for f in row))
+        row_of = {k: r for r, k in enumerate(keys)}
+        slots = [row_of[id(f)] for row in frames for f in row]
+        ages = [age for row in frames for age in range(len(row) - 1, -1, -1)]
         ids, labels, mask = pad_encoded(encoded, self.pad_id, self.device)
-        embeds = self.model.embed(ids, features, torch.tensor(slots, dtype=torch.long, device=self.device),
+        embeds = self.model.embed(ids, torch.stack([features[k] for k in keys]),
+                                  torch.tensor(slots, dtype=torch.long, device=self.device),
                                   torch.tensor(ages, dtype=torch.long, device=self.device))
         return embeds, labels, mask, self.model.position_ids(ids, mask)
 
     @torch.no_grad()
-    def _score(self, encoded: list[Encoded], frames: list[list[np.ndarray]]) -> torch.Tensor:
-        embeds, labels, mask, positions = self._embed(encoded, frames)
+    def _score(self, encoded: list[Encoded], frames: list[list[np.ndarray]],
+               features: dict[int, torch.Tensor]) -> torch.Tensor:
+        embeds, labels, mask, positions = self._embed(encoded, frames, features)
         return answer_log_likelihood(self.model, embeds, labels, mask, positions).cpu()
 
     @torch.no_grad()
     def _waypoints(self, states: Sequence[EpisodeState], history: Sequence[int],
-                   frames: Sequence[list[np.ndarray]]) -> list[Optional[tuple[int, int]]]:
+                   frames: Sequence[list[np.ndarray]], features: dict[int, torch.Tensor]
+                   ) -> list[Optional[tuple[int, int]]]:
         """``u v`` of each state by constrained greedy decoding after the look-down turn (None: no
         well-formed waypoint within :data:`MAX_WAYPOINT_TOKENS` tokens)."""
         prefixes = [self._prefix(self.model.encode_conversation(self._turns(s, h, [LOOKDOWN, "0 0"])))
@@ -208,7 +218,7 @@ class PixelGoalPolicy:
                 break
             # each row: its prefix + the tokens so far + one placeholder whose label asks for the next token
             encoded = [self._probe(prefixes[i]) for i in rows]
-            embeds, labels, mask, positions = self._embed(encoded, [frames[i] for i in rows])
+            embeds, labels, mask, positions = self._embed(encoded, [frames[i] for i in rows], features)
             with captured_logits(self.model) as captured:
                 self.model.forward_lm(embeds, labels, attention_mask=mask, position_ids=positions)
             logits = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).float().cpu()
