@@ -27,7 +27,7 @@ from vlmtrain.config import source_name_and_percent
 from vlmtrain.data.conversation import ConvSample, validate_sample
 from vlmtrain.data.errors import DataError, ErrorPolicy
 from vlmtrain.data.frames import LazyFrames, decode_frames, load_frame
-from vlmtrain.data.formats.internvla_n1_reference import record_kind, rules_from_config
+from vlmtrain.data.formats.internvla_n1_reference import record_end_kinds, record_kind, rules_from_config
 from vlmtrain.data.index import IndexSpec, SourceIndex
 from vlmtrain.data.index_build import open_or_build
 from vlmtrain.data.mixture import format_mixture_table, held_out_episodes, select_array
@@ -210,9 +210,8 @@ def _planned_kinds(store: "_Store", rows: np.ndarray) -> dict[str, int]:
     """Planned samples per InternVLA-N1 reference kind (``pixel_goal`` / ``turn`` / ``stop``) among
     ``rows``, read off their records; empty for a source whose records carry no kind.
 
-    One source's rows are all reference records or none (``record_kind`` of the first decides).
-    Their kind is the record's last word (``... pixel_goal``, ``... turn``, ``... stop {copy}``), so
-    the last byte tells it (``l``, ``n``, a digit): one vectorised read of the index's record bytes,
+    One source's rows are all reference records or none (``record_kind`` of the first decides); their
+    kinds come from the records' last bytes (``record_end_kinds``), one vectorised read of the index,
     no Python loop over tens of millions of samples at start-up."""
     if not len(rows):
         return {}
@@ -221,14 +220,8 @@ def _planned_kinds(store: "_Store", rows: np.ndarray) -> dict[str, int]:
         return {}
     counts: Counter[str] = Counter()
     for index, _pos, local, _base in store.per_index(rows):
-        last = np.asarray(index.records)[np.asarray(index.record_offsets)[local + 1] - 1]
-        is_digit = (last >= ord("0")) & (last <= ord("9"))
-        for kind, hit in (("pixel_goal", last == ord("l")), ("turn", last == ord("n")), ("stop", is_digit)):
-            counts[kind] += int(hit.sum())
-        other = len(local) - int(((last == ord("l")) | (last == ord("n")) | is_digit).sum())
-        if other:
-            counts["other"] += other
-    return dict(sorted((k, v) for k, v in counts.items() if v))
+        counts.update(record_end_kinds(np.asarray(index.records)[np.asarray(index.record_offsets)[local + 1] - 1]))
+    return dict(sorted(counts.items()))
 
 
 def conversations_of(sources: Sequence[SourceSamples]) -> Iterator[list[Turn]]:

@@ -151,6 +151,17 @@ def record_kind(record: str) -> Optional[str]:
     return "stop" if len(words) == 3 and words[-2] == "stop" and words[-1].isdigit() else None
 
 
+def record_end_kinds(last_bytes: np.ndarray) -> dict[str, int]:
+    """Samples per kind from the last byte of each reference record (uint8 array): the kinds
+    :func:`record_kind` reads end in ``l`` (``pixel_goal``), ``n`` (``turn``) and a digit (``stop {copy}``);
+    anything else counts as ``other``. Lets a sample index count kinds without decoding records."""
+    hits = {"pixel_goal": last_bytes == ord("l"), "turn": last_bytes == ord("n"),
+            "stop": (last_bytes >= ord("0")) & (last_bytes <= ord("9"))}
+    counts = {kind: int(hit.sum()) for kind, hit in hits.items()}
+    counts["other"] = len(last_bytes) - sum(counts.values())
+    return {kind: n for kind, n in counts.items() if n}
+
+
 def sample_kind(sample: ConvSample) -> str:
     """``pixel_goal`` | ``turn`` | ``stop`` of a reference sample (from its first answer)."""
     first = next(text for role, text in sample.turns if role == "assistant")
